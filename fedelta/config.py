@@ -1,0 +1,300 @@
+"""Run configuration: one typed schema, read from TOML, Flower run configs and `--set`.
+
+Flower hands apps a flat ``{"key": scalar}`` run config whose nested TOML tables
+become dotted keys (``lora.r``). fedelta keeps exactly that shape on the wire and
+in files, and gives Python users typed dataclasses on top of it. Every value is
+checked before anything is trained: an unknown key, a wrong type or an impossible
+value raises :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+Scalar = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    """Which pretrained model the federation adapts (``[model]``)."""
+
+    name: str = "all-MiniLM-L6-v2"
+    """A built-in alias, a local Hugging Face model folder, or a hub id."""
+    max_length: int = 64
+    """Longest tokenised input; longer texts are truncated."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter shape shared by every client (``[lora]``)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str = "query,key,value,dense"
+    """Comma-separated module name suffixes, as in ``peft.LoraConfig``."""
+
+    def target_module_list(self) -> list[str]:
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+@dataclass
+class DataConfig:
+    """Where examples come from and how they are split across clients (``[data]``)."""
+
+    name: str = "rotten-tomatoes"
+    """A built-in corpus name or a local CSV/JSON/JSONL/Parquet file."""
+    text_column: str = "text"
+    label_column: str = "label"
+    test_size: int = 1000
+    """Examples held out before partitioning, for the server's central evaluation."""
+    partitioner: str = "dirichlet"
+    """``iid`` or ``dirichlet`` (label skew)."""
+    dirichlet_alpha: float = 0.5
+    validation_fraction: float = 0.1
+    """Share of each client's partition kept for federated evaluation."""
+
+
+@dataclass
+class SimulationConfig:
+    """Settings for ``fedelta simulate`` only (``[simulation]``)."""
+
+    num_supernodes: int = 8
+    client_cpus: float = 1.0
+    """CPU cores Ray reserves per ClientApp; fewer cores per client run more in parallel."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one federated run needs; keys follow Flower's run-config names."""
+
+    num_server_rounds: int = 5
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    """Share of clients asked for federated evaluation each round (0 turns it off)."""
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    round_timeout: float = 0.0
+    """Seconds to wait for replies in a round; 0 waits for all of them."""
+    local_epochs: int = 1
+    local_steps: int = 25
+    """Optimizer steps per round on each client; 0 trains ``local-epochs`` instead."""
+    lr: float = 2e-3
+    batch_size: int = 16
+    weight_decay: float = 0.0
+    seed: int = 42
+    strategy: str = "fedavg"
+    central_evaluation: bool = True
+    """Evaluate the global adapter on the held-out test split after every round."""
+    output_dir: str = ""
+    """Where metrics, checkpoints and the adapter go; empty means ``outputs/<time>``."""
+    resume: bool = False
+    """Continue the run in ``output-dir`` from its last completed round."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    # -- conversions -------------------------------------------------------------
+    def to_flat(self) -> dict[str, Scalar]:
+        """The Flower run-config form: dotted, hyphenated keys to scalars."""
+        return dict(_flatten(self))
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
+        """Build and validate from a flat mapping; missing keys keep their defaults."""
+        config = cls()
+        for key, value in flat.items():
+            _assign(config, key, value)
+        config.validate()
+        return config
+
+    def replace(self, **overrides: Any) -> RunConfig:
+        """A validated copy with dotted-or-underscored keys replaced (``lora.r=4``)."""
+        flat = self.to_flat()
+        for key, value in overrides.items():
+            flat[key.replace("_", "-")] = value
+        return RunConfig.from_flat(flat)
+
+    def to_toml(self) -> str:
+        """Serialise as TOML with one table per section, readable and re-loadable."""
+        top, sections = [], {}
+        for key, value in self.to_flat().items():
+            if "." in key:
+                section, name = key.split(".", 1)
+                sections.setdefault(section, []).append(f"{name} = {_toml_value(value)}")
+            else:
+                top.append(f"{key} = {_toml_value(value)}")
+        parts = ["\n".join(top)]
+        parts += [f"[{name}]\n" + "\n".join(lines) for name, lines in sections.items()]
+        return "\n\n".join(parts) + "\n"
+
+    # -- validation --------------------------------------------------------------
+    def validate(self) -> None:
+        """Reject impossible values before any model is built."""
+        checks: list[tuple[str, bool, str]] = [
+            ("num-server-rounds", self.num_server_rounds >= 1, "must be >= 1"),
+            ("fraction-train", 0.0 < self.fraction_train <= 1.0, "must be in (0, 1]"),
+            ("fraction-evaluate", 0.0 <= self.fraction_evaluate <= 1.0, "must be in [0, 1]"),
+            ("min-train-nodes", self.min_train_nodes >= 1, "must be >= 1"),
+            ("min-available-nodes", self.min_available_nodes >= 1, "must be >= 1"),
+            ("round-timeout", self.round_timeout >= 0.0, "must be >= 0"),
+            ("local-epochs", self.local_epochs >= 1, "must be >= 1"),
+            ("local-steps", self.local_steps >= 0, "must be >= 0"),
+            ("lr", self.lr > 0.0, "must be > 0"),
+            ("batch-size", self.batch_size >= 1, "must be >= 1"),
+            ("weight-decay", self.weight_decay >= 0.0, "must be >= 0"),
+            ("model.name", bool(self.model.name.strip()), "must not be empty"),
+            ("model.max-length", self.model.max_length >= 2, "must be >= 2"),
+            ("lora.r", self.lora.r >= 1, "must be >= 1"),
+            ("lora.alpha", self.lora.alpha > 0, "must be > 0"),
+            ("lora.dropout", 0.0 <= self.lora.dropout < 1.0, "must be in [0, 1)"),
+            ("lora.target-modules", bool(self.lora.target_module_list()), "must name a module"),
+            ("data.test-size", self.data.test_size >= 1, "must be >= 1"),
+            ("data.dirichlet-alpha", self.data.dirichlet_alpha > 0.0, "must be > 0"),
+            (
+                "data.validation-fraction",
+                0.0 <= self.data.validation_fraction < 1.0,
+                "must be in [0, 1)",
+            ),
+            ("simulation.num-supernodes", self.simulation.num_supernodes >= 1, "must be >= 1"),
+            ("simulation.client-cpus", self.simulation.client_cpus > 0.0, "must be > 0"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}' {why} (got {self._get(key)!r})")
+        choices = {
+            "data.partitioner": ("iid", "dirichlet"),
+        }
+        for key, allowed in choices.items():
+            if self._get(key) not in allowed:
+                raise ConfigError(
+                    f"config key '{key}' must be one of {', '.join(allowed)} "
+                    f"(got {self._get(key)!r})"
+                )
+        from fedelta.strategies import STRATEGIES  # local: strategies import config
+
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"config key 'strategy' names an unknown strategy {self.strategy!r}; "
+                f"known: {', '.join(sorted(STRATEGIES))}"
+            )
+        if self.min_available_nodes < self.min_train_nodes:
+            raise ConfigError(
+                "config key 'min-available-nodes' must be >= 'min-train-nodes' "
+                f"({self.min_available_nodes} < {self.min_train_nodes})"
+            )
+
+    def _get(self, key: str) -> Any:
+        return self.to_flat()[key]
+
+
+# -- loading ----------------------------------------------------------------------
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read a TOML run config (or the defaults) and apply ``key=value`` overrides."""
+    flat: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file '{path}' is not valid TOML: {err}") from err
+        flat.update(_flatten_mapping(raw))
+    flat.update(parse_overrides(overrides))
+    return RunConfig.from_flat(flat)
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Parse ``key=value`` items; values are TOML literals, bare words are strings."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            parsed[key] = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed[key] = text.strip()
+    return parsed
+
+
+# -- internals --------------------------------------------------------------------
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _flatten(obj: Any, prefix: str = "") -> Iterable[tuple[str, Scalar]]:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = prefix + _key(f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _flatten(value, key + ".")
+        else:
+            yield key, value
+
+
+def _flatten_mapping(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten_mapping(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _assign(config: RunConfig, key: str, value: Any) -> None:
+    """Set one dotted key on the dataclass tree, type-checked."""
+    target: Any = config
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        names = {_key(f.name): f.name for f in dataclasses.fields(target)}
+        if part not in names:
+            known = ", ".join(sorted(k for k, _ in _flatten(RunConfig())))
+            raise ConfigError(f"unknown config key '{key}' (known keys: {known})")
+        attr = names[part]
+        if depth < len(parts) - 1:
+            target = getattr(target, attr)
+            if not dataclasses.is_dataclass(target):
+                raise ConfigError(f"unknown config key '{key}': '{part}' is not a section")
+            continue
+        if dataclasses.is_dataclass(getattr(target, attr)):
+            raise ConfigError(f"config key '{key}' is a section, not a value")
+        expected = get_type_hints(type(target))[attr]
+        setattr(target, attr, _coerce(key, value, expected))
+
+
+def _coerce(key: str, value: Any, expected: type) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (expected is int and isinstance(value, bool)) or not isinstance(value, expected):
+        raise ConfigError(
+            f"config key '{key}' must be of type {expected.__name__}, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _toml_value(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

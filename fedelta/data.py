@@ -1,0 +1,247 @@
+"""Text-classification data: load a corpus, hold out a test split, partition clients.
+
+One code path serves the built-in Rotten Tomatoes corpus and any local
+CSV/JSON/JSONL/Parquet file (read through ``datasets``). The held-out test split
+is taken before partitioning, so the server's central evaluation never sees a
+client's examples. Partitions come from flwr-datasets' partitioners, seeded, so
+every process (server, each simulated or deployed client) derives the same split
+from the same config without exchanging data.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+from torch.utils.data import DataLoader
+
+from fedelta.assets import CORPORA
+from fedelta.config import DataConfig
+
+TEXT, LABEL = "text", "label"
+"""Column names every loaded corpus is normalised to."""
+
+_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_COMPRESSION = (".bz2", ".gz", ".xz", ".zst")
+
+# Rotten Tomatoes ships review snippets ("fresh"/"rotten") mixed with plot summaries.
+_BUILTIN_LABEL_COLUMN = {"rotten-tomatoes": "category"}
+_BUILTIN_DROP_LABELS = {"rotten-tomatoes": ("plot",)}
+
+
+class DataError(ValueError):
+    """The data source cannot be used: missing, unreadable, empty or malformed."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Examples available to clients, the server's held-out test split, label names."""
+
+    pool: datasets.Dataset
+    test: datasets.Dataset
+    label_names: tuple[str, ...]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's local training and validation examples."""
+
+    train: datasets.Dataset
+    validation: datasets.Dataset
+
+
+def load_corpus(config: DataConfig, seed: int) -> Corpus:
+    """Load, normalise and split the corpus; cached per process."""
+    return _load_corpus_cached(
+        config.name, config.text_column, config.label_column, config.test_size, seed
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _load_corpus_cached(
+    name: str, text_column: str, label_column: str, test_size: int, seed: int
+) -> Corpus:
+    datasets.disable_progress_bars()
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+    if name in CORPORA:
+        path = CORPORA[name].path()
+        table = _read_table(path)
+        table = table.rename_column(_BUILTIN_LABEL_COLUMN[name], label_column)
+        dropped = _BUILTIN_DROP_LABELS.get(name, ())
+        table = table.filter(lambda row: row[label_column] not in dropped)
+    else:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            known = ", ".join(sorted(CORPORA))
+            raise DataError(
+                f"data file '{path}' does not exist (data.name takes a file path "
+                f"or a built-in corpus: {known})"
+            )
+        table = _read_table(path)
+    for column in (text_column, label_column):
+        if column not in table.column_names:
+            raise DataError(
+                f"data file '{path}' has no column '{column}' "
+                f"(columns: {', '.join(table.column_names)}); "
+                "set data.text-column / data.label-column"
+            )
+    table = table.select_columns([text_column, label_column])
+    if text_column != TEXT:
+        table = table.rename_column(text_column, TEXT)
+    if label_column != LABEL:
+        table = table.rename_column(label_column, LABEL)
+    table = table.filter(lambda row: isinstance(row[TEXT], str) and row[TEXT].strip() != "")
+    table = table.filter(lambda row: row[LABEL] is not None)
+    if len(table) == 0:
+        raise DataError(f"data file '{path}' has no usable rows (non-empty text and a label)")
+    if not isinstance(table.features[LABEL], datasets.ClassLabel):
+        table = table.cast_column(LABEL, datasets.Value("string")).class_encode_column(LABEL)
+    label_names = tuple(table.features[LABEL].names)
+    if len(label_names) < 2:
+        raise DataError(f"data file '{path}' has fewer than 2 distinct labels: {label_names}")
+    if test_size >= len(table):
+        raise DataError(
+            f"data.test-size ({test_size}) must be smaller than the {len(table)} "
+            f"usable examples in '{path}'"
+        )
+    split = table.train_test_split(test_size=test_size, seed=seed, stratify_by_column=LABEL)
+    return Corpus(pool=split["train"], test=split["test"], label_names=label_names)
+
+
+def _read_table(path: Path) -> datasets.Dataset:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSION:
+        suffixes = suffixes[:-1]
+    builder = _BUILDERS.get(suffixes[-1] if suffixes else "")
+    if builder is None:
+        raise DataError(
+            f"data file '{path}' has an unsupported type; use one of "
+            f"{', '.join(sorted(_BUILDERS))} (optionally compressed)"
+        )
+    kwargs = {"delimiter": "\t"} if suffixes[-1] == ".tsv" else {}
+    if path.stat().st_size == 0:
+        raise DataError(f"data file '{path}' is empty")
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as err:  # datasets raises many types for unreadable files
+        if "corresponds to no data" in str(err):  # a header and nothing else
+            raise DataError(f"data file '{path}' has no usable rows") from err
+        raise DataError(f"could not read data file '{path}': {err}") from err
+
+
+def load_client_data(
+    config: DataConfig, seed: int, num_partitions: int, partition_id: int
+) -> ClientData:
+    """The examples of one client: its partition, split into train and validation."""
+    corpus = load_corpus(config, seed)
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    if len(corpus.pool) < num_partitions:
+        raise DataError(
+            f"more clients ({num_partitions}) than training examples ({len(corpus.pool)})"
+        )
+    partitioner = _partitioner(
+        config.name,
+        config.text_column,
+        config.label_column,
+        config.test_size,
+        seed,
+        config.partitioner,
+        config.dirichlet_alpha,
+        num_partitions,
+    )
+    try:
+        part = partitioner.load_partition(partition_id)
+    except ValueError as err:  # e.g. Dirichlet cannot meet the minimum size
+        raise DataError(f"cannot partition the data into {num_partitions} clients: {err}") from err
+    return _split_validation(part, config.validation_fraction, seed + partition_id)
+
+
+@functools.lru_cache(maxsize=4)
+def _partitioner(
+    name: str,
+    text_column: str,
+    label_column: str,
+    test_size: int,
+    seed: int,
+    kind: str,
+    alpha: float,
+    num_partitions: int,
+) -> Partitioner:
+    pool = _load_corpus_cached(name, text_column, label_column, test_size, seed).pool
+    partitioner: Partitioner
+    if kind == "iid":
+        # IidPartitioner shards contiguously, so shuffle once with the run seed first.
+        pool = pool.shuffle(seed=seed)
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    else:
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by=LABEL,
+            alpha=alpha,
+            min_partition_size=min(10, len(pool) // num_partitions),
+            seed=seed,
+        )
+    partitioner.dataset = pool
+    return partitioner
+
+
+def _split_validation(part: datasets.Dataset, fraction: float, seed: int) -> ClientData:
+    num_val = round(fraction * len(part)) if len(part) > 1 else 0
+    if fraction > 0 and len(part) > 1:
+        num_val = min(max(num_val, 1), len(part) - 1)
+    shuffled = part.shuffle(seed=seed)
+    return ClientData(
+        train=shuffled.select(range(num_val, len(part))),
+        validation=shuffled.select(range(num_val)),
+    )
+
+
+def make_loader(
+    dataset: datasets.Dataset,
+    tokenizer: object,
+    max_length: int,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+) -> DataLoader:
+    """Batches of tokenised, dynamically padded examples with ``labels``."""
+
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = tokenizer(  # type: ignore[operator]
+            [r[TEXT] for r in rows],
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        batch["labels"] = torch.tensor([r[LABEL] for r in rows], dtype=torch.long)
+        return dict(batch)
+
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate
+    )
+
+
+def cycle(loader: DataLoader, steps: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Exactly ``steps`` batches, reshuffling at each pass over the data."""
+    if len(loader) == 0:
+        raise DataError("cannot train on an empty dataset")
+    done = 0
+    while done < steps:
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == steps:
+                return

@@ -1,0 +1,158 @@
+"""Build a PEFT model once per process and move its trainable state in and out.
+
+What a federation exchanges is the *trainable state*: the LoRA factors and the
+classification head, keyed by their parameter names. Building a transformer
+costs seconds, so each process builds its model once per configuration and
+only the trainable tensors are reset from each message.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
+
+from fedelta.assets import MODELS
+from fedelta.config import LoraSettings, ModelConfig
+
+TensorDict = dict[str, torch.Tensor]
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """``model.name`` is neither a built-in alias, a local folder nor a cached hub id."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What determines a built model; hashable so it can key the per-process cache."""
+
+    name: str
+    num_labels: int
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: tuple[str, ...]
+    seed: int
+
+    @classmethod
+    def from_config(
+        cls, model: ModelConfig, lora: LoraSettings, num_labels: int, seed: int
+    ) -> ModelSpec:
+        return cls(
+            name=model.name,
+            num_labels=num_labels,
+            lora_r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=tuple(lora.target_module_list()),
+            seed=seed,
+        )
+
+
+def resolve_model_path(name: str) -> str:
+    """Map ``model.name`` to something ``from_pretrained`` loads without a network."""
+    if name in MODELS:
+        return str(MODELS[name].path())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model folder '{path}' has no config.json")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelNotFoundError(f"model path '{name}' does not exist")
+    return name  # a hub id; transformers resolves it from the local cache when offline
+
+
+def load_base_model(name: str, num_labels: int) -> torch.nn.Module:
+    """The pretrained encoder with a fresh classification head of ``num_labels``."""
+    path = resolve_model_path(name)
+    # A newly initialised head and per-layer loading bars are expected, not news.
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    except OSError as err:
+        raise ModelNotFoundError(
+            f"cannot load model '{name}': {err}. Use a built-in alias "
+            f"({', '.join(MODELS)}), a local model folder, or a hub id already in the cache"
+        ) from err
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+
+
+def build_peft_model(spec: ModelSpec) -> PeftModel:
+    """Base model plus LoRA adapters; seeded so every process starts from the same init."""
+    torch.manual_seed(spec.seed)
+    base = load_base_model(spec.name, spec.num_labels)
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=spec.lora_r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=list(spec.target_modules),
+    )
+    try:
+        return get_peft_model(base, lora)
+    except ValueError as err:
+        raise ValueError(
+            f"lora.target-modules {list(spec.target_modules)} do not fit model '{spec.name}': {err}"
+        ) from err
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """A process-wide model, its tokenizer, and its trainable state as first built."""
+
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    initial_state: TensorDict
+    """Seeded, so identical in every process; a run starts from it, never from
+    whatever state an earlier run in the same process left in ``model``."""
+
+
+@functools.lru_cache(maxsize=2)
+def cached_model(spec: ModelSpec) -> BuiltModel:
+    """The process-wide model for ``spec``, built on first use."""
+    model = build_peft_model(spec)
+    return BuiltModel(model, load_tokenizer(spec.name), trainable_state(model))
+
+
+def trainable_state(model: torch.nn.Module) -> TensorDict:
+    """Copies of the trainable parameters, by name, as fp32."""
+    return {
+        name: param.detach().to(torch.float32).clone()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def trainable_layout(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the trainable parameters: what a valid update must match."""
+    return {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Overwrite the trainable parameters; the key set and shapes must match exactly."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
+    if missing or unexpected:
+        raise KeyError(
+            f"trainable state does not match the model: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            if param.shape != state[name].shape:
+                raise ValueError(
+                    f"trainable tensor '{name}' has shape {tuple(state[name].shape)}, "
+                    f"model expects {tuple(param.shape)}"
+                )
+            param.copy_(state[name])

@@ -1,0 +1,1 @@
+"""Privacy for federated fine-tuning: differentially private training and aggregation."""

@@ -1,0 +1,1 @@
+"""Server side: the ServerApp's round loop, evaluation, checkpoints, export and metrics."""

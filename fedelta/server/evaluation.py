@@ -1,0 +1,36 @@
+"""Central evaluation: the global adapter on the held-out test split, on the server."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fedelta.config import RunConfig
+from fedelta.data import load_corpus, make_loader
+from fedelta.models import ModelSpec, cached_model, load_trainable_state
+from fedelta.training import EvalResult, evaluate
+
+EVAL_BATCH_SIZE = 64
+
+
+class CentralEvaluator:
+    """Holds the server's model and test loader, built once per run."""
+
+    def __init__(self, config: RunConfig) -> None:
+        corpus = load_corpus(config.data, config.seed)
+        self.label_names = corpus.label_names
+        self.spec = ModelSpec.from_config(config.model, config.lora, corpus.num_labels, config.seed)
+        built = cached_model(self.spec)
+        self.model, self.tokenizer, self.initial_state = (
+            built.model,
+            built.tokenizer,
+            built.initial_state,
+        )
+        self.loader = make_loader(
+            corpus.test, self.tokenizer, config.model.max_length, EVAL_BATCH_SIZE, False
+        )
+
+    def __call__(self, global_state: Mapping[str, torch.Tensor]) -> EvalResult:
+        load_trainable_state(self.model, global_state)
+        return evaluate(self.model, self.loader)

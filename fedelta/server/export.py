@@ -1,0 +1,57 @@
+"""Export the global adapter in PEFT format, and optionally a merged full model.
+
+``OUT/adapter/`` loads with ``PeftModel.from_pretrained(base, OUT/adapter)`` where
+``base`` is the model named in ``adapter_config.json`` with a classification head
+of ``len(labels)`` outputs; ``fedelta.json`` beside it records those labels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from fedelta.models import load_base_model, load_tokenizer, load_trainable_state
+
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+INFO_FILE = "fedelta.json"
+
+
+def export_adapter(
+    model: PeftModel,
+    global_state: Mapping[str, torch.Tensor],
+    label_names: Sequence[str],
+    model_name: str,
+    out_dir: Path,
+) -> Path:
+    """Write the adapter (LoRA factors and head) with its labels and base model name."""
+    load_trainable_state(model, global_state)
+    model.save_pretrained(str(out_dir))
+    info = {"base-model": model_name, "labels": list(label_names)}
+    (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def load_exported(adapter_dir: Path) -> PeftModel:
+    """The base model with the exported adapter applied, ready for inference."""
+    info_path = adapter_dir / INFO_FILE
+    if not info_path.is_file():
+        raise FileNotFoundError(f"'{adapter_dir}' has no {INFO_FILE}; is it a fedelta adapter?")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    base = load_base_model(info["base-model"], len(info["labels"]))
+    base.config.id2label = dict(enumerate(info["labels"]))
+    base.config.label2id = {name: i for i, name in enumerate(info["labels"])}
+    return PeftModel.from_pretrained(base, str(adapter_dir))
+
+
+def export_merged(adapter_dir: Path, out_dir: Path) -> Path:
+    """Fold the adapter into the base weights and save a plain Transformers model."""
+    model = load_exported(adapter_dir).merge_and_unload()
+    model.save_pretrained(str(out_dir))
+    info = json.loads((adapter_dir / INFO_FILE).read_text(encoding="utf-8"))
+    load_tokenizer(info["base-model"]).save_pretrained(str(out_dir))
+    return out_dir

@@ -1,0 +1,377 @@
+"""The server's round loop: sample sites, send the global state, fold in deltas.
+
+Each round: find the nodes and their site names, sample sites with the server's
+seeded RNG, send every sampled node the global trainable state and the run
+config, fold each reply into the strategy *as it arrives* (after validating it),
+evaluate the new global state centrally and on clients, append a metrics row and
+write a checkpoint. A client that fails or sends an invalid update is reported
+by site name and left out of the round; it never stops the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from tqdm.auto import tqdm
+
+from fedelta import deltas, protocol
+from fedelta.config import ConfigError, RunConfig, load_config
+from fedelta.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedelta.server.evaluation import CentralEvaluator
+from fedelta.server.export import ADAPTER_DIR, export_adapter
+from fedelta.server.ledger import message_bytes
+from fedelta.server.metrics import MetricsLog, format_table, summarise, write_summary
+from fedelta.server.sampling import sample_sites
+from fedelta.strategies import EmptyRoundError, Strategy, build_strategy
+
+log = logging.getLogger("fedelta")
+
+CONFIG_FILE = "config.toml"
+RESUMABLE_KEYS = frozenset({"num-server-rounds", "output-dir", "resume"})
+"""Keys a resumed run may change; any other change would make it a different run."""
+POLL_SECONDS = 0.1
+DISCOVERY_TIMEOUT = 120.0
+
+
+class Federation:
+    """One federated run driven through a Flower ``Grid``."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        config: RunConfig,
+        run_dir: Path,
+        *,
+        strategy: Strategy | None = None,
+        resume: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.grid = grid
+        self.config = config
+        self.run_dir = run_dir
+        self.strategy = strategy or build_strategy(config.strategy)
+        self.resume = resume
+        self.progress = progress
+        self.metrics = MetricsLog(run_dir)
+        self.sites: dict[int, str] = {}
+        """Node id to site name, learned by querying each node once."""
+        self._down = self._up = 0
+
+    # -- the run -------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run the remaining rounds; returns the summary also written to summary.json."""
+        started = time.monotonic()
+        self._prepare_run_dir()
+        evaluator = CentralEvaluator(self.config)
+        if self.resume:
+            checkpoint = load_checkpoint(self.run_dir)
+            global_state = checkpoint.global_state
+            self.strategy.load_state_dict(checkpoint.strategy_tensors, checkpoint.strategy_meta)
+            rng = np.random.default_rng()
+            rng.bit_generator.state = checkpoint.rng_state
+            first_round = checkpoint.server_round + 1
+            self.metrics.truncate_after(checkpoint.server_round)
+            log.info("resuming after round %d from %s", checkpoint.server_round, self.run_dir)
+        else:
+            global_state = dict(evaluator.initial_state)
+            rng = np.random.default_rng(self.config.seed)
+            first_round = 1
+            self.metrics.append(self._initial_row(evaluator, global_state))
+        layout = deltas.layout_of(global_state)
+
+        rounds = range(first_round, self.config.num_server_rounds + 1)
+        bar = tqdm(
+            total=self.config.num_server_rounds,
+            initial=first_round - 1,
+            desc="rounds",
+            unit="round",
+            disable=not self.progress,
+        )
+        for server_round in rounds:
+            round_started = time.monotonic()
+            self._down = self._up = 0
+            available = self._wait_for_sites()
+            sampled = sample_sites(
+                rng,
+                list(available.values()),
+                self.config.fraction_train,
+                self.config.min_train_nodes,
+            )
+            global_state, train_row = self._train_round(
+                server_round, global_state, layout, available, sampled
+            )
+            row: dict[str, Any] = {"round": server_round}
+            if self.config.central_evaluation:
+                result = evaluator(global_state)
+                row |= {"test-accuracy": result.accuracy, "test-loss": result.loss}
+            row |= train_row
+            if self.config.fraction_evaluate > 0:
+                row |= self._federated_evaluation(server_round, global_state, available, rng)
+            row |= {
+                "bytes-down": self._down,
+                "bytes-up": self._up,
+                "wall-seconds": round(time.monotonic() - round_started, 3),
+            }
+            self.metrics.append(row)
+            tensors, meta = self.strategy.state_dict()
+            save_checkpoint(
+                self.run_dir,
+                Checkpoint(server_round, global_state, tensors, meta, rng.bit_generator.state),
+            )
+            bar.update(1)
+            bar.set_postfix(_postfix(row))
+            log.info("round %d: %s", server_round, _postfix(row))
+        bar.close()
+
+        export_adapter(
+            evaluator.model,
+            global_state,
+            evaluator.label_names,
+            self.config.model.name,
+            self.run_dir / ADAPTER_DIR,
+        )
+        rows = self.metrics.rows()
+        summary = summarise(rows, time.monotonic() - started)
+        summary["adapter"] = str(self.run_dir / ADAPTER_DIR)
+        write_summary(self.run_dir, summary)
+        if self.progress:
+            print(format_table(rows), flush=True)
+        return summary
+
+    # -- steps -----------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        saved = self.run_dir / CONFIG_FILE
+        if self.resume:
+            previous = load_config(saved).to_flat()
+            changed = sorted(
+                key
+                for key, value in self.config.to_flat().items()
+                if previous[key] != value and key not in RESUMABLE_KEYS
+            )
+            if changed:
+                raise ConfigError(
+                    f"cannot resume '{self.run_dir}' with a different config: "
+                    f"{', '.join(changed)} changed (only num-server-rounds may)"
+                )
+        elif (self.run_dir / "checkpoint.safetensors").exists():
+            raise ConfigError(
+                f"'{self.run_dir}' already holds a run; resume it or choose another output dir"
+            )
+        saved.write_text(self.config.to_toml(), encoding="utf-8")
+
+    def _initial_row(
+        self, evaluator: CentralEvaluator, global_state: Mapping[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        row: dict[str, Any] = {"round": 0}
+        if self.config.central_evaluation:
+            result = evaluator(global_state)
+            row |= {"test-accuracy": result.accuracy, "test-loss": result.loss}
+        return row
+
+    def _wait_for_sites(self) -> dict[int, str]:
+        """Block until enough nodes are connected; learn the site name of new ones."""
+        waited_since = time.monotonic()
+        while True:
+            node_ids = set(self.grid.get_node_ids())
+            self.sites = {nid: site for nid, site in self.sites.items() if nid in node_ids}
+            unknown = sorted(node_ids - self.sites.keys())
+            if unknown:
+                self._query_sites(unknown)
+            needed = max(self.config.min_available_nodes, self.config.min_train_nodes)
+            if len(self.sites) >= needed:
+                return dict(self.sites)
+            if time.monotonic() - waited_since > 30:
+                log.info("waiting for nodes: %d of %d connected", len(self.sites), needed)
+                waited_since = time.monotonic()
+            time.sleep(1.0)
+
+    def _query_sites(self, node_ids: list[int]) -> None:
+        messages = [
+            Message(RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY)
+            for nid in node_ids
+        ]
+        for node_id, reply in self._exchange(messages, DISCOVERY_TIMEOUT):
+            if (
+                reply is None
+                or reply.has_error()
+                or protocol.SITE not in reply.content.config_records
+            ):
+                why = reply.error.reason if reply is not None and reply.has_error() else "no answer"
+                log.warning("node %d did not identify itself: %s", node_id, why)
+                continue
+            name = str(reply.content.config_records[protocol.SITE]["name"])
+            if name in self.sites.values():
+                log.warning(
+                    "two nodes report site %r; calling node %d %r",
+                    name,
+                    node_id,
+                    f"{name}#{node_id}",
+                )
+                name = f"{name}#{node_id}"
+            self.sites[node_id] = name
+
+    def _train_round(
+        self,
+        server_round: int,
+        global_state: dict[str, torch.Tensor],
+        layout: Mapping[str, tuple[int, ...]],
+        available: Mapping[int, str],
+        sampled: list[str],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        node_of = {site: nid for nid, site in available.items()}
+        config = protocol.config_record(self.config, server_round)
+        for key, value in self.strategy.client_config(server_round).items():
+            config[key] = value
+        global_record = deltas.encode(global_state)
+        messages = [
+            Message(
+                RecordDict({protocol.GLOBAL: global_record, protocol.CONFIG: config}),
+                dst_node_id=node_of[site],
+                message_type=MessageType.TRAIN,
+                group_id=str(server_round),
+            )
+            for site in sampled
+        ]
+        self.strategy.begin_round(global_state)
+        failed: dict[str, str] = {}
+        replied: list[str] = []
+        loss_sum = examples = 0.0
+        for node_id, reply in self._exchange(messages, self._timeout()):
+            site = available[node_id]
+            if reply is None:
+                failed[site] = "timed out"
+            elif reply.has_error():
+                failed[site] = f"client error: {reply.error.reason}"
+            else:
+                try:
+                    delta, num_examples, loss = _read_update(reply.content, layout)
+                except deltas.InvalidUpdateError as err:
+                    failed[site] = f"rejected update: {err}"
+                else:
+                    self.strategy.accumulate(delta, num_examples)
+                    replied.append(site)
+                    loss_sum += loss * num_examples
+                    examples += num_examples
+            if site in failed:
+                log.warning("round %d: %s left out: %s", server_round, site, failed[site])
+        if not replied:
+            raise EmptyRoundError(
+                f"round {server_round}: no client delivered a usable update "
+                f"({'; '.join(f'{s}: {r}' for s, r in failed.items())})"
+            )
+        new_state = self.strategy.finish_round(global_state)
+        return new_state, {
+            "train-loss": loss_sum / examples,
+            "clients-sampled": len(sampled),
+            "clients-replied": len(replied),
+            "sites-sampled": sampled,
+            "clients-failed": failed,
+        }
+
+    def _federated_evaluation(
+        self,
+        server_round: int,
+        global_state: Mapping[str, torch.Tensor],
+        available: Mapping[int, str],
+        rng: np.random.Generator,
+    ) -> dict[str, Any]:
+        sites = sample_sites(rng, list(available.values()), self.config.fraction_evaluate, 1)
+        node_of = {site: nid for nid, site in available.items()}
+        content = RecordDict(
+            {
+                protocol.GLOBAL: deltas.encode(global_state),
+                protocol.CONFIG: protocol.config_record(self.config, server_round),
+            }
+        )
+        messages = [
+            Message(
+                content,
+                dst_node_id=node_of[s],
+                message_type=MessageType.EVALUATE,
+                group_id=str(server_round),
+            )
+            for s in sites
+        ]
+        loss_sum = correct = count = 0.0
+        for node_id, reply in self._exchange(messages, self._timeout()):
+            if reply is None or reply.has_error():
+                log.warning("round %d: evaluation on %s failed", server_round, available[node_id])
+                continue
+            metrics = reply.content.metric_records.get(protocol.METRICS)
+            n = metrics.get(protocol.NUM_EXAMPLES, 0) if metrics else 0
+            if not n or not all(
+                math.isfinite(metrics.get(k, math.nan)) for k in ("eval-loss", "eval-accuracy")
+            ):
+                continue
+            loss_sum += metrics["eval-loss"] * n
+            correct += metrics["eval-accuracy"] * n
+            count += n
+        if count == 0:
+            return {"federated-accuracy": None, "federated-loss": None}
+        return {"federated-accuracy": correct / count, "federated-loss": loss_sum / count}
+
+    # -- messaging ---------------------------------------------------------------------
+    def _timeout(self) -> float | None:
+        return self.config.round_timeout or None
+
+    def _exchange(
+        self, messages: list[Message], timeout: float | None
+    ) -> Iterator[tuple[int, Message | None]]:
+        """Send ``messages``; yield ``(node, reply)`` as replies land.
+
+        Messages still unanswered at the timeout yield ``(node, None)``.
+        """
+        self._down += sum(message_bytes(m) for m in messages)
+        ids = list(self.grid.push_messages(messages))
+        destination = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}
+        pending = set(ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            for reply in self.grid.pull_messages(pending):
+                message_id = reply.metadata.reply_to_message_id
+                if message_id not in pending:
+                    continue
+                pending.discard(message_id)
+                self._up += message_bytes(reply)
+                yield destination[message_id], reply
+            if pending:
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                time.sleep(POLL_SECONDS)
+        for message_id in pending:
+            yield destination[message_id], None
+
+
+def _read_update(
+    content: RecordDict, layout: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, torch.Tensor], int, float]:
+    """The delta, example count and train loss of a train reply, validated."""
+    if protocol.DELTA not in content.array_records:
+        raise deltas.InvalidUpdateError(f"reply has no '{protocol.DELTA}' record")
+    metrics = content.metric_records.get(protocol.METRICS)
+    if metrics is None:
+        raise deltas.InvalidUpdateError(f"reply has no '{protocol.METRICS}' record")
+    num_examples = metrics.get(protocol.NUM_EXAMPLES)
+    if not isinstance(num_examples, int) or num_examples <= 0:
+        raise deltas.InvalidUpdateError(
+            f"num-examples must be a positive int, got {num_examples!r}"
+        )
+    loss = metrics.get("train-loss", math.nan)
+    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        raise deltas.InvalidUpdateError(f"train-loss must be finite, got {loss!r}")
+    return deltas.decode(content.array_records[protocol.DELTA], layout), num_examples, float(loss)
+
+
+def _postfix(row: Mapping[str, Any]) -> dict[str, str]:
+    shown = {"test-accuracy": "acc", "test-loss": "loss", "train-loss": "train"}
+    return {short: f"{row[key]:.4f}" for key, short in shown.items() if row.get(key) is not None}

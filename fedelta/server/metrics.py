@@ -1,0 +1,106 @@
+"""Per-round metrics (``metrics.jsonl``), the run summary and its console table."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+class MetricsLog:
+    """Append-only JSON lines, one per completed round, flushed as they are written."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / METRICS_FILE
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def truncate_after(self, server_round: int) -> None:
+        """Drop rows past ``server_round`` (written before a crash, not checkpointed)."""
+        kept = [row for row in self.rows() if row["round"] <= server_round]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+
+
+def summarise(rows: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
+    """Totals and final values over all rounds of a run."""
+    trained = [r for r in rows if r["round"] > 0]
+    last = rows[-1] if rows else {}
+    with_acc = [r for r in rows if r.get("test-accuracy") is not None]
+    return {
+        "rounds": len(trained),
+        "final-test-accuracy": last.get("test-accuracy"),
+        "final-test-loss": last.get("test-loss"),
+        "best-test-accuracy": max((r["test-accuracy"] for r in with_acc), default=None),
+        "total-bytes-down": sum(r.get("bytes-down", 0) for r in rows),
+        "total-bytes-up": sum(r.get("bytes-up", 0) for r in rows),
+        "total-failures": sum(len(r.get("clients-failed", {})) for r in rows),
+        "wall-seconds": round(wall_seconds, 2),
+    }
+
+
+def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path:
+    path = run_dir / SUMMARY_FILE
+    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
+    """A fixed-width per-round table for the console."""
+    header = (
+        "round",
+        "test acc",
+        "test loss",
+        "train loss",
+        "fed acc",
+        "clients",
+        "down",
+        "up",
+        "sec",
+    )
+    lines = [header]
+    for r in rows:
+        lines.append(
+            (
+                str(r["round"]),
+                _num(r.get("test-accuracy"), 4),
+                _num(r.get("test-loss"), 4),
+                _num(r.get("train-loss"), 4),
+                _num(r.get("federated-accuracy"), 4),
+                f"{r.get('clients-replied', 0)}/{r.get('clients-sampled', 0)}",
+                format_bytes(r.get("bytes-down", 0)),
+                format_bytes(r.get("bytes-up", 0)),
+                _num(r.get("wall-seconds"), 1),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def _num(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"

@@ -1,0 +1,118 @@
+"""One-machine federations on Flower's Simulation Engine (Ray), from Python or the CLI.
+
+The ServerApp runs in this process; each virtual SuperNode's ClientApp runs in a
+Ray worker process that builds its model once and reuses it for every client and
+round it serves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from fedelta.client.app import app as client_app
+from fedelta.config import RunConfig
+from fedelta.data import load_client_data, load_corpus
+from fedelta.models import ModelSpec, cached_model
+from fedelta.server.app import make_server_app, run_dir_for
+from fedelta.server.metrics import SUMMARY_FILE, MetricsLog, write_summary
+from fedelta.strategies import Strategy
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """Where a run wrote its outputs, and what it measured."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+    """One metrics row per round (round 0 is the model before training)."""
+
+    @property
+    def adapter_dir(self) -> Path:
+        return Path(self.summary["adapter"])
+
+
+def simulate(
+    config: RunConfig,
+    *,
+    strategy: Strategy | None = None,
+    progress: bool = True,
+    verbose: bool = False,
+) -> SimulationResult:
+    """Run ``config`` on Flower's Simulation Engine and return its results."""
+    from flwr.simulation import run_simulation  # imports Ray: keep it off import paths
+
+    run_dir = run_dir_for(config)
+    config = replace(config, output_dir=str(run_dir))
+    preflight(config)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Ray workers inherit the environment
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+    backend_config = {
+        "client_resources": {"num_cpus": config.simulation.client_cpus, "num_gpus": 0.0},
+        "init_args": {"logging_level": "ERROR", "log_to_driver": verbose},
+    }
+    with PeakMemory() as memory:
+        run_simulation(
+            server_app=make_server_app(config, strategy, progress=progress),
+            client_app=client_app,
+            num_supernodes=config.simulation.num_supernodes,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )
+    summary_path = run_dir / SUMMARY_FILE
+    if not summary_path.is_file():
+        raise RuntimeError(
+            f"the simulation ended without writing {summary_path}; see the log above"
+        )
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    summary["peak-rss-mb"] = round(memory.peak_bytes / 2**20, 1)
+    write_summary(run_dir, summary)
+    return SimulationResult(run_dir=run_dir, summary=summary, rows=MetricsLog(run_dir).rows())
+
+
+class PeakMemory:
+    """Samples the resident memory of this process and all its children (Ray workers)."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    continue
+            self.peak_bytes = max(self.peak_bytes, total)
+            self._stop.wait(self.interval)
+
+
+def preflight(config: RunConfig) -> None:
+    """Fail before Ray starts if the model, the data or the partitioning cannot work."""
+    corpus = load_corpus(config.data, config.seed)
+    load_client_data(config.data, config.seed, config.simulation.num_supernodes, 0)
+    # Also checks that lora.target-modules fit the model; the server reuses this build.
+    cached_model(ModelSpec.from_config(config.model, config.lora, corpus.num_labels, config.seed))

@@ -1,0 +1,103 @@
+"""Local training and evaluation loops shared by clients, the server and baselines.
+
+The loops are plain PyTorch over the model's trainable parameters so that a
+federated client costs the same as a bare peft + torch loop on the same data.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    """Mean training loss over the steps taken."""
+    steps: int
+    examples: int
+    """Examples seen, counting repeats across epochs."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    examples: int
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG a training step touches, so a round is reproducible."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derive_seed(*parts: int) -> int:
+    """A stable seed for (run seed, round, client, ...) that differs for every tuple."""
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + int(part)) % (2**63 - 1)
+    return seed
+
+
+def train(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> TrainResult:
+    """One AdamW step per batch on the trainable parameters.
+
+    Federated clients start each round with a fresh optimizer (``optimizer=None``);
+    a centralised run passes its own to keep the moments across calls.
+    """
+    if optimizer is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    total_loss, steps, examples = 0.0, 0, 0
+    for batch in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {steps}")
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item()
+        steps += 1
+        examples += int(batch["labels"].shape[0])
+    if steps == 0:
+        raise ValueError("no batch to train on")
+    return TrainResult(loss=total_loss / steps, steps=steps, examples=examples)
+
+
+def steps_for(num_examples: int, batch_size: int, local_epochs: int, local_steps: int) -> int:
+    """Steps per round: ``local_steps`` when set, else whole epochs over the data."""
+    if local_steps > 0:
+        return local_steps
+    return local_epochs * max(1, math.ceil(num_examples / batch_size))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader) -> EvalResult:
+    """Mean cross-entropy and accuracy over every example in ``loader``."""
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for batch in loader:
+        out = model(**batch)
+        n = int(batch["labels"].shape[0])
+        total_loss += out.loss.item() * n
+        correct += int((out.logits.argmax(dim=-1) == batch["labels"]).sum())
+        count += n
+    if count == 0:
+        return EvalResult(loss=float("nan"), accuracy=float("nan"), examples=0)
+    return EvalResult(loss=total_loss / count, accuracy=correct / count, examples=count)

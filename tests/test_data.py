@@ -1,0 +1,76 @@
+import pytest
+
+from fedelta.config import DataConfig
+from fedelta.data import DataError, load_client_data, load_corpus
+
+
+def test_rotten_tomatoes_is_reviews_only_with_a_held_out_split():
+    corpus = load_corpus(DataConfig(), seed=42)
+    assert corpus.label_names == ("fresh", "rotten")
+    assert len(corpus.test) == 1000
+    assert len(corpus.pool) + len(corpus.test) == 12808  # 7403 fresh + 5405 rotten, no plots
+
+
+def test_partitions_are_disjoint_cover_the_pool_and_are_seeded():
+    config = DataConfig(test_size=500)
+    parts = [load_client_data(config, 1, 4, i) for i in range(4)]
+    sizes = [len(p.train) + len(p.validation) for p in parts]
+    assert sum(sizes) == len(load_corpus(config, 1).pool)
+    again = load_client_data(config, 1, 4, 2)
+    assert again.train["text"] == parts[2].train["text"]
+    assert all(len(p.validation) >= 1 for p in parts)
+
+
+def test_dirichlet_skews_labels_iid_does_not():
+    def skew(kind: str) -> float:
+        config = DataConfig(test_size=500, partitioner=kind, dirichlet_alpha=0.1)
+        shares = []
+        for i in range(4):
+            labels = load_client_data(config, 3, 4, i).train["label"]
+            shares.append(sum(labels) / len(labels))
+        return max(shares) - min(shares)
+
+    assert skew("dirichlet") > 0.3 > 0.1 > skew("iid")
+
+
+def _csv(tmp_path, text: str):
+    path = tmp_path / "data.csv"
+    path.write_text(text)
+    return str(path)
+
+
+def test_local_csv_with_own_columns(tmp_path):
+    rows = "\n".join(f"sentence {i},{'pos' if i % 2 else 'neg'}" for i in range(40))
+    name = _csv(tmp_path, "sentence,polarity\n" + rows)
+    config = DataConfig(name=name, text_column="sentence", label_column="polarity", test_size=10)
+    corpus = load_corpus(config, 0)
+    assert corpus.label_names == ("neg", "pos") and len(corpus.pool) == 30
+
+
+@pytest.mark.parametrize(
+    ("content", "columns", "message"),
+    [
+        (None, {}, "does not exist"),
+        ("", {}, "is empty"),
+        ("text,label\n", {}, "has no usable rows"),
+        ("text,label\n,pos\n  ,neg\n", {}, "has no usable rows"),
+        ("\x00\x01\x02garbage\n\x00,\n", {}, "could not read data file|has no column"),
+        ("text,stars\nhello,1\n", {}, "has no column 'label'"),
+        ("text,label\n" + "a,x\n" * 30, {}, "fewer than 2 distinct labels"),
+    ],
+)
+def test_bad_data_files_are_clear_errors(tmp_path, content, columns, message):
+    name = str(tmp_path / "missing.csv") if content is None else _csv(tmp_path, content)
+    with pytest.raises(DataError, match=message):
+        load_corpus(DataConfig(name=name, test_size=2, **columns), 0)
+
+
+def test_unsupported_file_type_and_too_many_clients(tmp_path):
+    path = tmp_path / "data.xlsx"
+    path.write_text("x")
+    with pytest.raises(DataError, match="unsupported type"):
+        load_corpus(DataConfig(name=str(path)), 0)
+    rows = "".join(f"t{i},{i % 2}\n" for i in range(12))
+    config = DataConfig(name=_csv(tmp_path, "text,label\n" + rows), test_size=2)
+    with pytest.raises(DataError, match=r"more clients \(20\) than training examples \(10\)"):
+        load_client_data(config, 0, 20, 0)

@@ -1,0 +1,82 @@
+"""End to end on Flower's Simulation Engine with the real MiniLM and Rotten Tomatoes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from fedelta.cli import main as cli
+from fedelta.models import load_base_model, trainable_state
+from fedelta.server.checkpoint import load_checkpoint
+from fedelta.server.export import load_exported
+from fedelta.simulations import simulate
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_clients_one_round_end_to_end(tiny_config, tmp_path):
+    result = simulate(tiny_config, progress=False)
+
+    rows = result.rows
+    assert [r["round"] for r in rows] == [0, 1]
+    last = rows[-1]
+    assert last["clients-sampled"] == last["clients-replied"] == 2
+    assert last["clients-failed"] == {}
+    assert sorted(last["sites-sampled"]) == ["client-0", "client-1"]
+    assert 0.0 <= last["test-accuracy"] <= 1.0 and last["train-loss"] > 0
+    assert last["federated-accuracy"] is not None
+    # LoRA r=8 on q/k/v/dense plus the head is ~339k fp32 values: ~1.36 MB per client reply.
+    assert 2 * 1.3e6 < last["bytes-up"] < 2 * 1.5e6
+    assert last["bytes-down"] > 0
+    assert result.summary["total-bytes-up"] == last["bytes-up"]
+    assert result.summary["peak-rss-mb"] > 0
+
+    # The exported adapter loads with plain peft and equals the global state.
+    base = load_base_model("all-MiniLM-L6-v2", 2)
+    peft_model = PeftModel.from_pretrained(base, str(result.adapter_dir))
+    exported = {n.replace(".default", ""): p for n, p in trainable_state(peft_model).items()}
+    final = load_checkpoint(result.run_dir).global_state
+    for name, tensor in final.items():
+        assert torch.allclose(exported[name.replace(".default", "")], tensor), name
+
+    # `fedelta export --merged` writes a plain model with the same predictions.
+    assert cli(["export", str(result.run_dir), "--merged"]) == 0
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    merged = AutoModelForSequenceClassification.from_pretrained(str(result.run_dir / "merged"))
+    tokenizer = AutoTokenizer.from_pretrained(str(result.run_dir / "merged"))
+    batch = tokenizer(["a moving, funny film", "dull and far too long"], return_tensors="pt", padding=True)
+    adapted = load_exported(result.adapter_dir).eval()
+    with torch.no_grad():
+        assert torch.allclose(merged.eval()(**batch).logits, adapted(**batch).logits, atol=1e-4)
+    assert merged.config.id2label == {0: "fresh", 1: "rotten"}
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_config, tmp_path):
+    straight = tiny_config.replace(**{"num-server-rounds": 3, "output-dir": str(tmp_path / "a")})
+    simulate(straight, progress=False)
+
+    first = straight.replace(**{"num-server-rounds": 2, "output-dir": str(tmp_path / "b")})
+    simulate(first, progress=False)
+    # Resume through the CLI as a user would, extending the run by one round.
+    code = cli(["simulate", "--resume", str(tmp_path / "b"), "--set", "num-server-rounds=3",
+                "--no-progress"])
+    assert code == 0
+
+    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    assert a.server_round == b.server_round == 3
+    for name in a.global_state:
+        torch.testing.assert_close(b.global_state[name], a.global_state[name], rtol=1e-5, atol=1e-6)
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]  # no round lost or counted twice
+
+
+def test_resume_refuses_a_changed_config(tiny_config, tmp_path, capsys):
+    run = tiny_config.replace(**{"output-dir": str(tmp_path / "r")})
+    simulate(run, progress=False)
+    code = cli(["simulate", "--resume", str(tmp_path / "r"), "--set", "lora.r=4"])
+    assert code == 2
+    assert "lora.r changed" in capsys.readouterr().err
