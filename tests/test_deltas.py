@@ -43,7 +43,10 @@ def test_delta_arithmetic():
     ("mutate", "reason"),
     [
         (lambda r: r.pop("classifier.bias"), "missing tensors: classifier.bias"),
-        (lambda r: r.__setitem__("extra", Array(np.zeros(2, np.float32))), "unexpected tensors: extra"),
+        (
+            lambda r: r.__setitem__("extra", Array(np.zeros(2, np.float32))),
+            "unexpected tensors: extra",
+        ),
         (
             lambda r: r.__setitem__("classifier.bias", Array(np.zeros(3, np.float32))),
             "tensor 'classifier.bias' has shape (3,), expected (2,)",

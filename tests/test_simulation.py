@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import sys
 
+import numpy as np
 import pytest
 import torch
+from flwr.app import Array
+from flwr.clientapp import ClientApp
 from peft import PeftModel
 
+from fedelta import protocol
 from fedelta.cli import main as cli
-from fedelta.models import load_base_model, trainable_state
+from fedelta.client import app as client_app
+from fedelta.models import load_base_model
 from fedelta.server.checkpoint import load_checkpoint
 from fedelta.server.export import load_exported
 from fedelta.simulations import simulate
@@ -17,7 +23,7 @@ from fedelta.simulations import simulate
 pytestmark = pytest.mark.slow
 
 
-def test_two_clients_one_round_end_to_end(tiny_config, tmp_path):
+def test_two_clients_one_round_end_to_end(tiny_config, tmp_path, capsys):
     result = simulate(tiny_config, progress=False)
 
     rows = result.rows
@@ -37,10 +43,10 @@ def test_two_clients_one_round_end_to_end(tiny_config, tmp_path):
     # The exported adapter loads with plain peft and equals the global state.
     base = load_base_model("all-MiniLM-L6-v2", 2)
     peft_model = PeftModel.from_pretrained(base, str(result.adapter_dir))
-    exported = {n.replace(".default", ""): p for n, p in trainable_state(peft_model).items()}
+    exported = dict(peft_model.named_parameters())
     final = load_checkpoint(result.run_dir).global_state
     for name, tensor in final.items():
-        assert torch.allclose(exported[name.replace(".default", "")], tensor), name
+        assert torch.equal(exported[name], tensor), name
 
     # `fedelta export --merged` writes a plain model with the same predictions.
     assert cli(["export", str(result.run_dir), "--merged"]) == 0
@@ -48,11 +54,17 @@ def test_two_clients_one_round_end_to_end(tiny_config, tmp_path):
 
     merged = AutoModelForSequenceClassification.from_pretrained(str(result.run_dir / "merged"))
     tokenizer = AutoTokenizer.from_pretrained(str(result.run_dir / "merged"))
-    batch = tokenizer(["a moving, funny film", "dull and far too long"], return_tensors="pt", padding=True)
+    batch = tokenizer(
+        ["a moving, funny film", "dull and far too long"], return_tensors="pt", padding=True
+    )
     adapted = load_exported(result.adapter_dir).eval()
     with torch.no_grad():
         assert torch.allclose(merged.eval()(**batch).logits, adapted(**batch).logits, atol=1e-4)
     assert merged.config.id2label == {0: "fresh", 1: "rotten"}
+
+    # Resuming with a different config is refused, naming what changed.
+    assert cli(["simulate", "--resume", str(result.run_dir), "--set", "lora.r=4"]) == 2
+    assert "lora.r changed" in capsys.readouterr().err
 
 
 def test_resume_matches_an_uninterrupted_run(tiny_config, tmp_path):
@@ -62,21 +74,56 @@ def test_resume_matches_an_uninterrupted_run(tiny_config, tmp_path):
     first = straight.replace(**{"num-server-rounds": 2, "output-dir": str(tmp_path / "b")})
     simulate(first, progress=False)
     # Resume through the CLI as a user would, extending the run by one round.
-    code = cli(["simulate", "--resume", str(tmp_path / "b"), "--set", "num-server-rounds=3",
-                "--no-progress"])
+    code = cli(
+        [
+            "simulate",
+            "--resume",
+            str(tmp_path / "b"),
+            "--set",
+            "num-server-rounds=3",
+            "--no-progress",
+        ]
+    )
     assert code == 0
 
     a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
     assert a.server_round == b.server_round == 3
     for name in a.global_state:
         torch.testing.assert_close(b.global_state[name], a.global_state[name], rtol=1e-5, atol=1e-6)
-    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]  # no round lost or counted twice
 
 
-def test_resume_refuses_a_changed_config(tiny_config, tmp_path, capsys):
-    run = tiny_config.replace(**{"output-dir": str(tmp_path / "r")})
-    simulate(run, progress=False)
-    code = cli(["simulate", "--resume", str(tmp_path / "r"), "--set", "lora.r=4"])
-    assert code == 2
-    assert "lora.r changed" in capsys.readouterr().err
+# A ClientApp that delegates to fedelta's but corrupts one site's delta: real Flower,
+# real training, one bad update. Pickled by value so Ray workers need not import tests/.
+faulty_app = ClientApp()
+faulty_app.query()(client_app.describe)
+faulty_app.evaluate()(client_app.evaluate)
+
+
+@faulty_app.train()
+def _train_then_corrupt_site_1(msg, context):
+    reply = client_app.train(msg, context)
+    if context.node_config["partition-id"] == 1:
+        record = reply.content.array_records[protocol.DELTA]
+        name = sorted(record.keys())[0]
+        record[name] = Array(np.full(record[name].shape, np.nan, dtype=np.float32))
+    return reply
+
+
+def test_a_bad_update_is_rejected_and_the_round_goes_on(tiny_config, tmp_path):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    config = tiny_config.replace(**{"num-server-rounds": 2})
+    result = simulate(config, client_app=faulty_app, progress=False)
+    for row in result.rows[1:]:
+        assert row["clients-sampled"] == 2 and row["clients-replied"] == 1
+        assert list(row["clients-failed"]) == ["client-1"]
+        assert "rejected update" in row["clients-failed"]["client-1"]
+        assert "non-finite values" in row["clients-failed"]["client-1"]
+    assert result.summary["total-failures"] == 2
+    final = load_checkpoint(result.run_dir).global_state
+    assert all(torch.isfinite(t).all() for t in final.values())

@@ -7,8 +7,17 @@ from flwr.clientapp import ClientApp
 
 from fedelta import deltas, protocol
 from fedelta.client.trainer import ClientTrainer, Site
+from fedelta.models import TensorDict
 
 app = ClientApp()
+
+
+def _receive(msg: Message, context: Context) -> tuple[ClientTrainer, TensorDict, int]:
+    """The trainer for this node under the message's config, the global state, the round."""
+    config, server_round = protocol.read_config(msg.content)
+    trainer = ClientTrainer(config, Site.from_node_config(context.node_config))
+    global_state = deltas.decode(msg.content.array_records[protocol.GLOBAL], trainer.layout)
+    return trainer, global_state, server_round
 
 
 @app.query()
@@ -22,9 +31,7 @@ def describe(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train from the global state and reply with the delta, never the data."""
-    config, server_round = protocol.read_config(msg.content)
-    trainer = ClientTrainer(config, Site.from_node_config(context.node_config))
-    global_state = deltas.decode(msg.content.array_records[protocol.GLOBAL], trainer.layout)
+    trainer, global_state, server_round = _receive(msg, context)
     delta, result = trainer.fit(global_state, server_round)
     metrics = MetricRecord(
         {
@@ -42,9 +49,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global state on this site's local validation split."""
-    config, _ = protocol.read_config(msg.content)
-    trainer = ClientTrainer(config, Site.from_node_config(context.node_config))
-    global_state = deltas.decode(msg.content.array_records[protocol.GLOBAL], trainer.layout)
+    trainer, global_state, _ = _receive(msg, context)
     result = trainer.evaluate(global_state)
     metrics = MetricRecord(
         {

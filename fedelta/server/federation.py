@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from fedelta import deltas, protocol
 from fedelta.config import ConfigError, RunConfig, load_config
+from fedelta.server.checkpoint import FILENAME as CHECKPOINT_FILE
 from fedelta.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedelta.server.evaluation import CentralEvaluator
 from fedelta.server.export import ADAPTER_DIR, export_adapter
@@ -72,31 +73,16 @@ class Federation:
         started = time.monotonic()
         self._prepare_run_dir()
         evaluator = CentralEvaluator(self.config)
-        if self.resume:
-            checkpoint = load_checkpoint(self.run_dir)
-            global_state = checkpoint.global_state
-            self.strategy.load_state_dict(checkpoint.strategy_tensors, checkpoint.strategy_meta)
-            rng = np.random.default_rng()
-            rng.bit_generator.state = checkpoint.rng_state
-            first_round = checkpoint.server_round + 1
-            self.metrics.truncate_after(checkpoint.server_round)
-            log.info("resuming after round %d from %s", checkpoint.server_round, self.run_dir)
-        else:
-            global_state = dict(evaluator.initial_state)
-            rng = np.random.default_rng(self.config.seed)
-            first_round = 1
-            self.metrics.append(self._initial_row(evaluator, global_state))
+        global_state, rng, done = self._start(evaluator)
         layout = deltas.layout_of(global_state)
-
-        rounds = range(first_round, self.config.num_server_rounds + 1)
         bar = tqdm(
             total=self.config.num_server_rounds,
-            initial=first_round - 1,
+            initial=done,
             desc="rounds",
             unit="round",
             disable=not self.progress,
         )
-        for server_round in rounds:
+        for server_round in range(done + 1, self.config.num_server_rounds + 1):
             round_started = time.monotonic()
             self._down = self._up = 0
             available = self._wait_for_sites()
@@ -109,10 +95,7 @@ class Federation:
             global_state, train_row = self._train_round(
                 server_round, global_state, layout, available, sampled
             )
-            row: dict[str, Any] = {"round": server_round}
-            if self.config.central_evaluation:
-                result = evaluator(global_state)
-                row |= {"test-accuracy": result.accuracy, "test-loss": result.loss}
+            row = {"round": server_round, **self._evaluate_centrally(evaluator, global_state)}
             row |= train_row
             if self.config.fraction_evaluate > 0:
                 row |= self._federated_evaluation(server_round, global_state, available, rng)
@@ -121,15 +104,11 @@ class Federation:
                 "bytes-up": self._up,
                 "wall-seconds": round(time.monotonic() - round_started, 3),
             }
-            self.metrics.append(row)
-            tensors, meta = self.strategy.state_dict()
-            save_checkpoint(
-                self.run_dir,
-                Checkpoint(server_round, global_state, tensors, meta, rng.bit_generator.state),
-            )
+            self._complete_round(row, global_state, rng)
             bar.update(1)
             bar.set_postfix(_postfix(row))
-            log.info("round %d: %s", server_round, _postfix(row))
+            if not self.progress:
+                log.info("round %d: %s", server_round, _postfix(row))
         bar.close()
 
         export_adapter(
@@ -163,20 +142,51 @@ class Federation:
                     f"cannot resume '{self.run_dir}' with a different config: "
                     f"{', '.join(changed)} changed (only num-server-rounds may)"
                 )
-        elif (self.run_dir / "checkpoint.safetensors").exists():
+        elif (self.run_dir / CHECKPOINT_FILE).exists():
             raise ConfigError(
                 f"'{self.run_dir}' already holds a run; resume it or choose another output dir"
             )
         saved.write_text(self.config.to_toml(), encoding="utf-8")
 
-    def _initial_row(
+    def _start(
+        self, evaluator: CentralEvaluator
+    ) -> tuple[dict[str, torch.Tensor], np.random.Generator, int]:
+        """Global state, server RNG and rounds done: restored, or fresh (round 0 recorded)."""
+        if self.resume:
+            checkpoint = load_checkpoint(self.run_dir)
+            self.strategy.load_state_dict(checkpoint.strategy_tensors, checkpoint.strategy_meta)
+            rng = np.random.default_rng()
+            rng.bit_generator.state = checkpoint.rng_state
+            self.metrics.truncate_after(checkpoint.server_round)
+            log.info("resuming after round %d from %s", checkpoint.server_round, self.run_dir)
+            return checkpoint.global_state, rng, checkpoint.server_round
+        global_state = dict(evaluator.initial_state)
+        rng = np.random.default_rng(self.config.seed)
+        row = {"round": 0, **self._evaluate_centrally(evaluator, global_state)}
+        self._complete_round(row, global_state, rng)
+        return global_state, rng, 0
+
+    def _evaluate_centrally(
         self, evaluator: CentralEvaluator, global_state: Mapping[str, torch.Tensor]
-    ) -> dict[str, Any]:
-        row: dict[str, Any] = {"round": 0}
-        if self.config.central_evaluation:
-            result = evaluator(global_state)
-            row |= {"test-accuracy": result.accuracy, "test-loss": result.loss}
-        return row
+    ) -> dict[str, float]:
+        if not self.config.central_evaluation:
+            return {}
+        result = evaluator(global_state)
+        return {"test-accuracy": result.accuracy, "test-loss": result.loss}
+
+    def _complete_round(
+        self,
+        row: dict[str, Any],
+        global_state: Mapping[str, torch.Tensor],
+        rng: np.random.Generator,
+    ) -> None:
+        """Record the round, then checkpoint it; a crash between the two is undone on resume."""
+        self.metrics.append(row)
+        tensors, meta = self.strategy.state_dict()
+        state = dict(global_state)
+        save_checkpoint(
+            self.run_dir, Checkpoint(row["round"], state, tensors, meta, rng.bit_generator.state)
+        )
 
     def _wait_for_sites(self) -> dict[int, str]:
         """Block until enough nodes are connected; learn the site name of new ones."""

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from flwr.clientapp import ClientApp
 
-from fedelta.client.app import app as client_app
+from fedelta.client.app import app as fedelta_client_app
 from fedelta.config import RunConfig
 from fedelta.data import load_client_data, load_corpus
 from fedelta.models import ModelSpec, cached_model
@@ -44,16 +45,22 @@ def simulate(
     config: RunConfig,
     *,
     strategy: Strategy | None = None,
+    client_app: ClientApp | None = None,
     progress: bool = True,
     verbose: bool = False,
 ) -> SimulationResult:
-    """Run ``config`` on Flower's Simulation Engine and return its results."""
+    """Run ``config`` on Flower's Simulation Engine and return its results.
+
+    ``strategy`` replaces the one named in the config (any :class:`Strategy`,
+    including your own subclass); ``client_app`` replaces fedelta's ClientApp, for
+    instance with one that wraps it to misbehave in a robustness experiment.
+    """
     from flwr.simulation import run_simulation  # imports Ray: keep it off import paths
 
     run_dir = run_dir_for(config)
     config = replace(config, output_dir=str(run_dir))
     preflight(config)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Ray workers inherit the environment
+    # Ray workers inherit the environment: no tokenizer thread pools behind their forks.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -64,7 +71,7 @@ def simulate(
     with PeakMemory() as memory:
         run_simulation(
             server_app=make_server_app(config, strategy, progress=progress),
-            client_app=client_app,
+            client_app=client_app or fedelta_client_app,
             num_supernodes=config.simulation.num_supernodes,
             backend_config=backend_config,
             verbose_logging=verbose,
