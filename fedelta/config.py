@@ -74,8 +74,8 @@ class SimulationConfig:
     """Settings for ``fedelta simulate`` only (``[simulation]``)."""
 
     num_supernodes: int = 8
-    client_cpus: float = 1.0
-    """CPU cores Ray reserves per ClientApp; fewer cores per client run more in parallel."""
+    client_cpus: float = 2.0
+    """CPU cores (torch threads) per ClientApp; Ray runs ``cores / client-cpus`` at once."""
 
 
 @dataclass

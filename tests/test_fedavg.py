@@ -48,3 +48,18 @@ def test_strategies_are_selected_by_name():
     assert STRATEGIES["fedavg"] is FedAvg
     with pytest.raises(ValueError, match="unknown strategy"):
         build_strategy("nope")
+
+
+def test_the_result_does_not_depend_on_reply_order():
+    # Replies arrive in any order; a run must still be reproducible to the bit.
+    g = torch.Generator().manual_seed(1)
+    state = {"w": torch.randn(1000, generator=g)}
+    updates = [({"w": torch.randn(1000, generator=g) * 10**k}, 7 + k) for k in range(-3, 4)]
+    results = []
+    for order in (updates, updates[::-1], updates[3:] + updates[:3]):
+        strategy = FedAvg()
+        strategy.begin_round(state)
+        for delta, n in order:
+            strategy.accumulate(delta, n)
+        results.append(strategy.finish_round(state)["w"])
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])

@@ -64,8 +64,10 @@ def simulate(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
+    # Ray never schedules a client that asks for more cores than the machine has.
+    client_cpus = min(config.simulation.client_cpus, float(os.cpu_count() or 1))
     backend_config = {
-        "client_resources": {"num_cpus": config.simulation.client_cpus, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
         "init_args": {"logging_level": "ERROR", "log_to_driver": verbose},
     }
     with PeakMemory() as memory:

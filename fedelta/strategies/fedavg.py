@@ -14,7 +14,8 @@ class FedAvg(Strategy):
 
     Exact for any trainable state that is linear in what clients send (full
     weights, classifier heads); on LoRA factors it averages A and B separately.
-    The sum is kept in fp32 accumulators, one per tensor, whatever the client count.
+    The sum is kept in one fp64 accumulator per tensor, whatever the client count,
+    so the result does not depend on the order in which replies arrive.
     """
 
     name = "fedavg"
@@ -24,7 +25,7 @@ class FedAvg(Strategy):
         self._weight = 0.0
 
     def begin_round(self, global_state: Mapping[str, torch.Tensor]) -> None:
-        self._sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in global_state.items()}
+        self._sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
         self._weight = 0.0
 
     def accumulate(self, delta: Mapping[str, torch.Tensor], num_examples: int) -> None:
@@ -38,7 +39,7 @@ class FedAvg(Strategy):
         """The example-weighted mean of this round's deltas."""
         if self._weight == 0:
             raise EmptyRoundError("no client update was accumulated this round")
-        return {name: acc / self._weight for name, acc in self._sum.items()}
+        return {name: (acc / self._weight).to(torch.float32) for name, acc in self._sum.items()}
 
     def finish_round(self, global_state: Mapping[str, torch.Tensor]) -> TensorDict:
         mean = self.mean_delta()
