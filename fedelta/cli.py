@@ -112,8 +112,8 @@ def _simulate(args: argparse.Namespace) -> int:
     from fedelta.simulations import simulate
 
     if args.resume:
-        if args.config:
-            raise ConfigError("--resume reads the run's own config; drop --config")
+        if args.config or args.out:
+            raise ConfigError("--resume continues RUN_DIR with its own config; drop --config/--out")
         config = load_config(args.resume / CONFIG_FILE, args.overrides)
         config = config.replace(resume=True, output_dir=str(args.resume))
     else:

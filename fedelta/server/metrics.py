@@ -88,9 +88,9 @@ def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
                 _num(r.get("test-loss"), 4),
                 _num(r.get("train-loss"), 4),
                 _num(r.get("federated-accuracy"), 4),
-                f"{r.get('clients-replied', 0)}/{r.get('clients-sampled', 0)}",
-                format_bytes(r.get("bytes-down", 0)),
-                format_bytes(r.get("bytes-up", 0)),
+                f"{r['clients-replied']}/{r['clients-sampled']}" if "clients-sampled" in r else "-",
+                format_bytes(r["bytes-down"]) if "bytes-down" in r else "-",
+                format_bytes(r["bytes-up"]) if "bytes-up" in r else "-",
                 _num(r.get("wall-seconds"), 1),
             )
         )

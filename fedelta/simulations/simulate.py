@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ def simulate(
     from flwr.simulation import run_simulation  # imports Ray: keep it off import paths
 
     run_dir = run_dir_for(config)
-    config = replace(config, output_dir=str(run_dir))
+    config = config.replace(output_dir=str(run_dir))
     preflight(config)
     # Ray workers inherit the environment: no tokenizer thread pools behind their forks.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
