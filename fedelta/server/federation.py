@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
@@ -239,13 +239,15 @@ class Federation:
         sampled: list[str],
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         node_of = {site: nid for nid, site in available.items()}
-        config = protocol.config_record(self.config, server_round)
-        for key, value in self.strategy.client_config(server_round).items():
-            config[key] = value
-        global_record = deltas.encode(global_state)
+        records = {
+            protocol.GLOBAL: deltas.encode(global_state),
+            protocol.CONFIG: protocol.config_record(self.config, server_round),
+        }
+        if strategy_config := self.strategy.client_config(server_round):
+            records[protocol.STRATEGY] = ConfigRecord(strategy_config)
         messages = [
             Message(
-                RecordDict({protocol.GLOBAL: global_record, protocol.CONFIG: config}),
+                RecordDict(records),
                 dst_node_id=node_of[site],
                 message_type=MessageType.TRAIN,
                 group_id=str(server_round),
