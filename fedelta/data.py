@@ -10,6 +10,7 @@ from the same config without exchanging data.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Iterator
@@ -142,7 +143,18 @@ def _read_table(path: Path) -> datasets.Dataset:
 def load_client_data(
     config: DataConfig, seed: int, num_partitions: int, partition_id: int
 ) -> ClientData:
-    """The examples of one client: its partition, split into train and validation."""
+    """The examples of one client: its partition, split into train and validation.
+
+    Cached per process: a simulated worker serves the same client in many rounds.
+    """
+    return _client_data(dataclasses.astuple(config), seed, num_partitions, partition_id)
+
+
+@functools.lru_cache(maxsize=256)
+def _client_data(
+    config_fields: tuple, seed: int, num_partitions: int, partition_id: int
+) -> ClientData:
+    config = DataConfig(*config_fields)
     corpus = load_corpus(config, seed)
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
@@ -150,16 +162,7 @@ def load_client_data(
         raise DataError(
             f"more clients ({num_partitions}) than training examples ({len(corpus.pool)})"
         )
-    partitioner = _partitioner(
-        config.name,
-        config.text_column,
-        config.label_column,
-        config.test_size,
-        seed,
-        config.partitioner,
-        config.dirichlet_alpha,
-        num_partitions,
-    )
+    partitioner = _partitioner(config_fields, seed, num_partitions)
     try:
         part = partitioner.load_partition(partition_id)
     except ValueError as err:  # e.g. Dirichlet cannot meet the minimum size
@@ -168,19 +171,11 @@ def load_client_data(
 
 
 @functools.lru_cache(maxsize=4)
-def _partitioner(
-    name: str,
-    text_column: str,
-    label_column: str,
-    test_size: int,
-    seed: int,
-    kind: str,
-    alpha: float,
-    num_partitions: int,
-) -> Partitioner:
-    pool = _load_corpus_cached(name, text_column, label_column, test_size, seed).pool
+def _partitioner(config_fields: tuple, seed: int, num_partitions: int) -> Partitioner:
+    config = DataConfig(*config_fields)
+    pool = load_corpus(config, seed).pool
     partitioner: Partitioner
-    if kind == "iid":
+    if config.partitioner == "iid":
         # IidPartitioner shards contiguously, so shuffle once with the run seed first.
         pool = pool.shuffle(seed=seed)
         partitioner = IidPartitioner(num_partitions=num_partitions)
@@ -188,7 +183,7 @@ def _partitioner(
         partitioner = DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by=LABEL,
-            alpha=alpha,
+            alpha=config.dirichlet_alpha,
             min_partition_size=min(10, len(pool) // num_partitions),
             seed=seed,
         )
