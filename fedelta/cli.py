@@ -13,7 +13,7 @@ from pathlib import Path
 from fedelta import __version__
 from fedelta.assets import AssetNotInstalledError
 from fedelta.client.trainer import NodeConfigError
-from fedelta.config import ConfigError, RunConfig, load_config
+from fedelta.config import RUN_CONFIG_FILE, ConfigError, RunConfig, load_config
 from fedelta.data import DataError
 from fedelta.models import ModelNotFoundError
 from fedelta.server.checkpoint import CheckpointError
@@ -47,10 +47,11 @@ def _configure_logging() -> None:
     warnings.simplefilter("ignore", FutureWarning)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("fedelta")
-    logger.addHandler(handler)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
 
@@ -76,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-progress", action="store_true", help="no progress bar or table")
     sim.set_defaults(command=_simulate)
 
-    exp = sub.add_parser("export", help="export a run's global adapter (and a merged model)")
+    exp = sub.add_parser(
+        "export", help="write a run's adapter from its last checkpoint (and a merged model)"
+    )
     exp.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     exp.add_argument(
         "--merged", action="store_true", help="also write the adapter merged into the base model"
@@ -108,13 +111,12 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from fedelta.server.federation import CONFIG_FILE
     from fedelta.simulations import simulate
 
     if args.resume:
         if args.config or args.out:
             raise ConfigError("--resume continues RUN_DIR with its own config; drop --config/--out")
-        config = load_config(args.resume / CONFIG_FILE, args.overrides)
+        config = load_config(args.resume / RUN_CONFIG_FILE, args.overrides)
         config = config.replace(resume=True, output_dir=str(args.resume))
     else:
         config = load_config(args.config, args.overrides)
@@ -126,11 +128,11 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fedelta.server.export import ADAPTER_DIR, MERGED_DIR, export_merged
+    from fedelta.server.export import MERGED_DIR, export_checkpoint, export_merged
 
-    adapter = args.run_dir / ADAPTER_DIR
-    if not (adapter / "adapter_config.json").is_file():
-        raise CheckpointError(f"'{args.run_dir}' has no exported adapter in {adapter}")
+    if not (args.run_dir / RUN_CONFIG_FILE).is_file():
+        raise CheckpointError(f"'{args.run_dir}' is not a run directory (no {RUN_CONFIG_FILE})")
+    adapter = export_checkpoint(args.run_dir)
     print(f"adapter: {adapter}")
     if args.merged:
         out = export_merged(adapter, args.out or args.run_dir / MERGED_DIR)

@@ -23,6 +23,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 Scalar = bool | int | float | str
 
+RUN_CONFIG_FILE = "config.toml"
+"""Where a run directory keeps the exact config it ran with (what resume and export read)."""
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""

@@ -40,4 +40,4 @@ def test_missing_asset_package_prints_the_install_command(capsys, tmp_path, monk
 
 def test_export_of_a_dir_without_a_run(tmp_path, capsys):
     assert cli(["export", str(tmp_path)]) == 2
-    assert "has no exported adapter" in capsys.readouterr().err
+    assert "is not a run directory" in capsys.readouterr().err

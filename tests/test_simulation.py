@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -48,8 +49,11 @@ def test_two_clients_one_round_end_to_end(tiny_config, tmp_path, capsys):
     for name, tensor in final.items():
         assert torch.equal(exported[name], tensor), name
 
-    # `fedelta export --merged` writes a plain model with the same predictions.
+    # `fedelta export --merged` rewrites the adapter from the checkpoint (as for a run that
+    # did not finish) and writes a plain model with the same predictions.
+    shutil.rmtree(result.adapter_dir)
     assert cli(["export", str(result.run_dir), "--merged"]) == 0
+    assert (result.adapter_dir / "adapter_config.json").is_file()
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     merged = AutoModelForSequenceClassification.from_pretrained(str(result.run_dir / "merged"))

@@ -14,7 +14,16 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from fedelta.models import load_base_model, load_tokenizer, load_trainable_state
+from fedelta.config import RUN_CONFIG_FILE, load_config
+from fedelta.data import load_corpus
+from fedelta.models import (
+    ModelSpec,
+    build_peft_model,
+    load_base_model,
+    load_tokenizer,
+    load_trainable_state,
+)
+from fedelta.server.checkpoint import load_checkpoint
 
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
@@ -34,6 +43,21 @@ def export_adapter(
     info = {"base-model": model_name, "labels": list(label_names)}
     (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return out_dir
+
+
+def export_checkpoint(run_dir: Path) -> Path:
+    """Write ``RUN/adapter`` from the run's last checkpoint, also for an unfinished run."""
+    config = load_config(run_dir / RUN_CONFIG_FILE)
+    checkpoint = load_checkpoint(run_dir)
+    corpus = load_corpus(config.data, config.seed)
+    spec = ModelSpec.from_config(config.model, config.lora, corpus.num_labels, config.seed)
+    return export_adapter(
+        build_peft_model(spec),
+        checkpoint.global_state,
+        corpus.label_names,
+        config.model.name,
+        run_dir / ADAPTER_DIR,
+    )
 
 
 def load_exported(adapter_dir: Path) -> PeftModel:

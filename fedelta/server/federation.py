@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
 from fedelta import deltas, protocol
-from fedelta.config import ConfigError, RunConfig, load_config
+from fedelta.config import RUN_CONFIG_FILE, ConfigError, RunConfig, load_config
 from fedelta.server.checkpoint import FILENAME as CHECKPOINT_FILE
 from fedelta.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedelta.server.evaluation import CentralEvaluator
@@ -36,7 +36,6 @@ from fedelta.strategies import EmptyRoundError, Strategy, build_strategy
 
 log = logging.getLogger("fedelta")
 
-CONFIG_FILE = "config.toml"
 RESUMABLE_KEYS = frozenset({"num-server-rounds", "output-dir", "resume"})
 """Keys a resumed run may change; any other change would make it a different run."""
 POLL_SECONDS = 0.1
@@ -129,7 +128,7 @@ class Federation:
     # -- steps -----------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        saved = self.run_dir / CONFIG_FILE
+        saved = self.run_dir / RUN_CONFIG_FILE
         if self.resume:
             previous = load_config(saved).to_flat()
             changed = sorted(
