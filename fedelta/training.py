@@ -21,8 +21,6 @@ class TrainResult:
     loss: float
     """Mean training loss over the steps taken."""
     steps: int
-    examples: int
-    """Examples seen, counting repeats across epochs."""
 
 
 @dataclass(frozen=True)
@@ -64,20 +62,20 @@ def train(
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     model.train()
-    total_loss, steps, examples = 0.0, 0, 0
+    total_loss, steps = 0.0, 0
     for batch in batches:
         optimizer.zero_grad(set_to_none=True)
         loss = model(**batch).loss
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {steps}")
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss became {value} at step {steps}")
         loss.backward()
         optimizer.step()
-        total_loss += loss.item()
+        total_loss += value
         steps += 1
-        examples += int(batch["labels"].shape[0])
     if steps == 0:
         raise ValueError("no batch to train on")
-    return TrainResult(loss=total_loss / steps, steps=steps, examples=examples)
+    return TrainResult(loss=total_loss / steps, steps=steps)
 
 
 def steps_for(num_examples: int, batch_size: int, local_epochs: int, local_steps: int) -> int:
