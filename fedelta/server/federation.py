@@ -104,8 +104,8 @@ class Federation:
                 "wall-seconds": round(time.monotonic() - round_started, 3),
             }
             self._complete_round(row, global_state, rng)
+            bar.set_postfix(_postfix(row), refresh=False)
             bar.update(1)
-            bar.set_postfix(_postfix(row))
             if not self.progress:
                 log.info("round %d: %s", server_round, _postfix(row))
         bar.close()
