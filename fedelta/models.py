@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from transformers.utils import logging as transformers_logging
 
 from fedelta.assets import MODELS
-from fedelta.config import LoraSettings, ModelConfig
+from fedelta.config import RunConfig
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -41,17 +41,16 @@ class ModelSpec:
     seed: int
 
     @classmethod
-    def from_config(
-        cls, model: ModelConfig, lora: LoraSettings, num_labels: int, seed: int
-    ) -> ModelSpec:
+    def from_config(cls, config: RunConfig, num_labels: int) -> ModelSpec:
+        """The model a run config asks for, with a head of ``num_labels`` outputs."""
         return cls(
-            name=model.name,
+            name=config.model.name,
             num_labels=num_labels,
-            lora_r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=tuple(lora.target_module_list()),
-            seed=seed,
+            lora_r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            target_modules=tuple(config.lora.target_module_list()),
+            seed=config.seed,
         )
 
 

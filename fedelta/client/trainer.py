@@ -72,7 +72,7 @@ class ClientTrainer:
         self.config = config
         self.site = site
         corpus = load_corpus(config.data, config.seed)
-        spec = ModelSpec.from_config(config.model, config.lora, corpus.num_labels, config.seed)
+        spec = ModelSpec.from_config(config, corpus.num_labels)
         built = cached_model(spec)
         self.model, self.tokenizer = built.model, built.tokenizer
         self.data: ClientData = load_client_data(

@@ -20,7 +20,7 @@ class CentralEvaluator:
     def __init__(self, config: RunConfig) -> None:
         corpus = load_corpus(config.data, config.seed)
         self.label_names = corpus.label_names
-        self.spec = ModelSpec.from_config(config.model, config.lora, corpus.num_labels, config.seed)
+        self.spec = ModelSpec.from_config(config, corpus.num_labels)
         built = cached_model(self.spec)
         self.model, self.tokenizer, self.initial_state = (
             built.model,

@@ -50,7 +50,7 @@ def export_checkpoint(run_dir: Path) -> Path:
     config = load_config(run_dir / RUN_CONFIG_FILE)
     checkpoint = load_checkpoint(run_dir)
     corpus = load_corpus(config.data, config.seed)
-    spec = ModelSpec.from_config(config.model, config.lora, corpus.num_labels, config.seed)
+    spec = ModelSpec.from_config(config, corpus.num_labels)
     return export_adapter(
         build_peft_model(spec),
         checkpoint.global_state,

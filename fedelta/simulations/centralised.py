@@ -40,7 +40,7 @@ def train_centralised(
     if config.local_steps <= 0:
         raise ValueError("the centralised baseline needs local-steps > 0 to size its budget")
     corpus = load_corpus(config.data, config.seed)
-    spec = ModelSpec.from_config(config.model, config.lora, corpus.num_labels, config.seed)
+    spec = ModelSpec.from_config(config, corpus.num_labels)
     model, tokenizer = build_peft_model(spec), load_tokenizer(config.model.name)
     seed_everything(config.seed)
     train_loader = make_loader(

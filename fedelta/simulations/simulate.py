@@ -124,4 +124,4 @@ def preflight(config: RunConfig) -> None:
     corpus = load_corpus(config.data, config.seed)
     load_client_data(config.data, config.seed, config.simulation.num_supernodes, 0)
     # Also checks that lora.target-modules fit the model; the server reuses this build.
-    cached_model(ModelSpec.from_config(config.model, config.lora, corpus.num_labels, config.seed))
+    cached_model(ModelSpec.from_config(config, corpus.num_labels))
