@@ -12,10 +12,10 @@ from pathlib import Path
 
 from fedelta import __version__
 from fedelta.assets import AssetNotInstalledError
-from fedelta.client.trainer import NodeConfigError
 from fedelta.config import RUN_CONFIG_FILE, ConfigError, RunConfig, load_config
 from fedelta.data import DataError
 from fedelta.models import ModelNotFoundError
+from fedelta.protocol import NodeConfigError
 from fedelta.server.checkpoint import CheckpointError
 
 USER_ERRORS = (
@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     exp.set_defaults(command=_export)
 
+    strat = sub.add_parser(
+        "strategies", help="list the aggregation strategies and what each guarantees"
+    )
+    strat.add_argument("--json", action="store_true", help="print the matrix as JSON")
+    strat.set_defaults(command=_strategies)
+
     cen = sub.add_parser("centralised", help="train the same adapter on pooled data (baseline)")
     cen.add_argument("--config", type=Path)
     _add_set(cen)
@@ -137,6 +143,25 @@ def _export(args: argparse.Namespace) -> int:
     if args.merged:
         out = export_merged(adapter, args.out or args.run_dir / MERGED_DIR)
         print(f"merged model: {out}")
+    return 0
+
+
+def _strategies(args: argparse.Namespace) -> int:
+    from fedelta.strategies import OPTIMIZERS
+    from fedelta.strategies.capabilities import MEANINGS, capability_matrix, format_matrix
+
+    rows = capability_matrix()
+    if args.json:
+        print(json.dumps({"rules": rows, "optimizers": sorted(OPTIMIZERS)}, indent=2))
+        return 0
+    print(format_matrix(rows))
+    print("\n" + "\n".join(f"{key}: {meaning}" for key, meaning in MEANINGS.items()))
+    print(
+        "\nA combined strategy has a property only if its LoRA rule and its combination "
+        "rule both do;\nserver-side norm bounding (strategy.clip-norm) rules out secure "
+        f"aggregation.\nServer optimizers (strategy.name): {', '.join(OPTIMIZERS)}; "
+        "they step the combined update and change none of the above."
+    )
     return 0
 
 

@@ -50,9 +50,19 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: str = "query,key,value,dense"
     """Comma-separated module name suffixes, as in ``peft.LoraConfig``."""
+    use_rslora: bool = False
+    """Scale updates by ``alpha / sqrt(rank)`` (rsLoRA) instead of ``alpha / rank``."""
+    client_ranks: str = ""
+    """Comma-separated ranks assigned to clients by partition id (cycled); empty: all
+    use ``r``. A SuperNode's ``lora-r`` node config overrides it. Each must be <= ``r``,
+    the rank of the server's global adapter."""
 
     def target_module_list(self) -> list[str]:
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    def client_rank_list(self) -> list[int]:
+        """The ranks of ``client-ranks``; raises ``ValueError`` on a non-integer item."""
+        return [int(item) for item in self.client_ranks.split(",") if item.strip()]
 
 
 @dataclass
@@ -70,6 +80,47 @@ class DataConfig:
     dirichlet_alpha: float = 0.5
     validation_fraction: float = 0.1
     """Share of each client's partition kept for federated evaluation."""
+
+
+@dataclass
+class StrategyConfig:
+    """How the server turns client deltas into the next global adapter (``[strategy]``).
+
+    Three choices compose: the server optimizer (``name``), how LoRA factors are
+    aggregated (``lora``) and how client updates are combined (``robust``), with
+    optional norm bounding (``clip-norm``) before any of them.
+    """
+
+    name: str = "fedavg"
+    """Server optimizer: fedavg, fedavgm, fedadam, fedyogi, fedadagrad or fedprox."""
+    lora: str = "naive"
+    """LoRA aggregation: naive, ffa, fedsa, fedex or flora."""
+    robust: str = "mean"
+    """Combination of client updates: mean, median, trimmed-mean, krum or multi-krum."""
+    clip_norm: float = 0.0
+    """Norm bounding: scale each client's update to at most this L2 norm (0: off)."""
+    server_lr: float = 0.0
+    """Server learning rate; 0 picks the optimizer's default (1.0, adaptive ones 0.01)."""
+    momentum: float = 0.9
+    """FedAvgM server momentum."""
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    """Adaptivity of FedAdam/FedYogi/FedAdagrad (Reddi et al., 2021)."""
+    proximal_mu: float = 0.01
+    """FedProx: weight of the proximal term (mu/2)||w - w_global||^2 on clients."""
+    trim_fraction: float = 0.1
+    """Trimmed mean: share of the largest and of the smallest values dropped per coordinate."""
+    byzantine: int = 1
+    """Krum / Multi-Krum: number of faulty clients tolerated (f)."""
+    krum_keep: int = 0
+    """Multi-Krum: updates averaged (m); 0 keeps n - f."""
+    fold_rank: int = 0
+    """FedEx-LoRA / FLoRA: rank of the truncated SVD that carries the folded base-weight
+    correction to clients; 0 sends it dense (exact)."""
+    rank_projection: str = "truncate"
+    """How a client of lower rank takes the global adapter: the first components
+    (``truncate``) or the top singular components (``svd``)."""
 
 
 @dataclass
@@ -100,7 +151,6 @@ class RunConfig:
     batch_size: int = 16
     weight_decay: float = 0.0
     seed: int = 42
-    strategy: str = "fedavg"
     central_evaluation: bool = True
     """Evaluate the global adapter on the held-out test split after every round."""
     output_dir: str = ""
@@ -109,6 +159,7 @@ class RunConfig:
     """Continue the run in ``output-dir`` from its last completed round."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
@@ -167,6 +218,21 @@ class RunConfig:
             ("lora.alpha", self.lora.alpha > 0, "must be > 0"),
             ("lora.dropout", 0.0 <= self.lora.dropout < 1.0, "must be in [0, 1)"),
             ("lora.target-modules", bool(self.lora.target_module_list()), "must name a module"),
+            ("strategy.clip-norm", self.strategy.clip_norm >= 0.0, "must be >= 0"),
+            ("strategy.server-lr", self.strategy.server_lr >= 0.0, "must be >= 0"),
+            ("strategy.momentum", 0.0 <= self.strategy.momentum < 1.0, "must be in [0, 1)"),
+            ("strategy.beta1", 0.0 <= self.strategy.beta1 < 1.0, "must be in [0, 1)"),
+            ("strategy.beta2", 0.0 <= self.strategy.beta2 < 1.0, "must be in [0, 1)"),
+            ("strategy.tau", self.strategy.tau > 0.0, "must be > 0"),
+            ("strategy.proximal-mu", self.strategy.proximal_mu >= 0.0, "must be >= 0"),
+            (
+                "strategy.trim-fraction",
+                0.0 <= self.strategy.trim_fraction < 0.5,
+                "must be in [0, 0.5)",
+            ),
+            ("strategy.byzantine", self.strategy.byzantine >= 0, "must be >= 0"),
+            ("strategy.krum-keep", self.strategy.krum_keep >= 0, "must be >= 0"),
+            ("strategy.fold-rank", self.strategy.fold_rank >= 0, "must be >= 0"),
             ("data.test-size", self.data.test_size >= 1, "must be >= 1"),
             ("data.dirichlet-alpha", self.data.dirichlet_alpha > 0.0, "must be > 0"),
             (
@@ -180,8 +246,14 @@ class RunConfig:
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}' {why} (got {self._get(key)!r})")
+        from fedelta.strategies import AGGREGATORS, LORA_AGGREGATIONS, OPTIMIZERS
+
         choices = {
             "data.partitioner": ("iid", "dirichlet"),
+            "strategy.name": tuple(OPTIMIZERS),
+            "strategy.lora": tuple(LORA_AGGREGATIONS),
+            "strategy.robust": tuple(AGGREGATORS),
+            "strategy.rank-projection": ("truncate", "svd"),
         }
         for key, allowed in choices.items():
             if self._get(key) not in allowed:
@@ -189,17 +261,31 @@ class RunConfig:
                     f"config key '{key}' must be one of {', '.join(allowed)} "
                     f"(got {self._get(key)!r})"
                 )
-        from fedelta.strategies import STRATEGIES  # local: strategies import config
-
-        if self.strategy not in STRATEGIES:
+        self._validate_ranks()
+        if self.strategy.rank_projection == "svd" and self.strategy.lora in ("ffa", "fedsa"):
             raise ConfigError(
-                f"config key 'strategy' names an unknown strategy {self.strategy!r}; "
-                f"known: {', '.join(sorted(STRATEGIES))}"
+                f"config key 'strategy.rank-projection' = \"svd\" re-factors A, which "
+                f'strategy.lora = {self.strategy.lora!r} keeps fixed or local; use "truncate"'
             )
         if self.min_available_nodes < self.min_train_nodes:
             raise ConfigError(
                 "config key 'min-available-nodes' must be >= 'min-train-nodes' "
                 f"({self.min_available_nodes} < {self.min_train_nodes})"
+            )
+
+    def _validate_ranks(self) -> None:
+        try:
+            ranks = self.lora.client_rank_list()
+        except ValueError:
+            raise ConfigError(
+                "config key 'lora.client-ranks' must be comma-separated integers "
+                f"(got {self.lora.client_ranks!r})"
+            ) from None
+        bad = [r for r in ranks if not 1 <= r <= self.lora.r]
+        if bad:
+            raise ConfigError(
+                f"config key 'lora.client-ranks' has ranks {bad} outside [1, lora.r = "
+                f"{self.lora.r}]; lora.r is the rank of the global adapter"
             )
 
     def _get(self, key: str) -> Any:

@@ -1,7 +1,8 @@
 """Build a PEFT model once per process and move its trainable state in and out.
 
-What a federation exchanges is the *trainable state*: the LoRA factors and the
-classification head, keyed by their parameter names. Building a transformer
+What a federation exchanges is the *adapter state*: the LoRA factors (also a
+frozen A, under FFA-LoRA) and the trainable classification head, keyed by their
+parameter names. Building a transformer
 costs seconds, so each process builds its model once per configuration and
 only the trainable tensors are reset from each message.
 """
@@ -20,6 +21,7 @@ from transformers.utils import logging as transformers_logging
 
 from fedelta.assets import MODELS
 from fedelta.config import RunConfig
+from fedelta.lora import is_factor, lora_layers, seeded_lora_A
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -39,18 +41,30 @@ class ModelSpec:
     lora_dropout: float
     target_modules: tuple[str, ...]
     seed: int
+    global_rank: int = 0
+    """The server's rank; this model's A is the first ``lora_r`` rows of the seeded
+    global A (0: same as ``lora_r``)."""
+    use_rslora: bool = False
+    freeze_lora_a: bool = False
+    """Keep A at its seeded initialisation (FFA-LoRA)."""
 
     @classmethod
-    def from_config(cls, config: RunConfig, num_labels: int) -> ModelSpec:
-        """The model a run config asks for, with a head of ``num_labels`` outputs."""
+    def from_config(cls, config: RunConfig, num_labels: int, rank: int | None = None) -> ModelSpec:
+        """The model a run config asks for, with a head of ``num_labels`` outputs and
+        LoRA rank ``rank`` (default ``lora.r``, the global rank)."""
+        from fedelta.strategies import LORA_AGGREGATIONS  # local: strategies import models
+
         return cls(
             name=config.model.name,
             num_labels=num_labels,
-            lora_r=config.lora.r,
+            lora_r=rank or config.lora.r,
             lora_alpha=config.lora.alpha,
             lora_dropout=config.lora.dropout,
             target_modules=tuple(config.lora.target_module_list()),
             seed=config.seed,
+            global_rank=config.lora.r,
+            use_rslora=config.lora.use_rslora,
+            freeze_lora_a=LORA_AGGREGATIONS[config.strategy.lora].freezes_a,
         )
 
 
@@ -97,13 +111,27 @@ def build_peft_model(spec: ModelSpec) -> PeftModel:
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.lora_dropout,
         target_modules=list(spec.target_modules),
+        use_rslora=spec.use_rslora,
     )
     try:
-        return get_peft_model(base, lora)
+        model = get_peft_model(base, lora)
     except ValueError as err:
         raise ValueError(
             f"lora.target-modules {list(spec.target_modules)} do not fit model '{spec.name}': {err}"
         ) from err
+    seed_lora_a(model, spec.seed, spec.global_rank or spec.lora_r, freeze=spec.freeze_lora_a)
+    return model
+
+
+def seed_lora_a(model: torch.nn.Module, seed: int, global_rank: int, freeze: bool) -> None:
+    """Draw every A from fedelta's per-module seed at the global rank (a prefix of it
+    at lower ranks), so clients of any rank and the server agree on A."""
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            weight = layer.lora_A["default"].weight
+            rank, in_features = weight.shape
+            weight.copy_(seeded_lora_A(seed, name, global_rank, in_features)[:rank])
+            weight.requires_grad_(not freeze)
 
 
 @dataclass(frozen=True)
@@ -117,30 +145,38 @@ class BuiltModel:
     whatever state an earlier run in the same process left in ``model``."""
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=6)
 def cached_model(spec: ModelSpec) -> BuiltModel:
     """The process-wide model for ``spec``, built on first use."""
     model = build_peft_model(spec)
-    return BuiltModel(model, load_tokenizer(spec.name), trainable_state(model))
+    return BuiltModel(model, load_tokenizer(spec.name), adapter_state(model))
 
 
-def trainable_state(model: torch.nn.Module) -> TensorDict:
-    """Copies of the trainable parameters, by name, as fp32."""
+def _adapter_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad or is_factor(n)}
+
+
+def adapter_state(model: torch.nn.Module) -> TensorDict:
+    """Copies of the LoRA factors and other trainable parameters, by name, as fp32."""
     return {
         name: param.detach().to(torch.float32).clone()
-        for name, param in model.named_parameters()
-        if param.requires_grad
+        for name, param in _adapter_params(model).items()
     }
 
 
-def trainable_layout(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the trainable parameters: what a valid update must match."""
-    return {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+def adapter_layout(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the adapter state."""
+    return {name: tuple(p.shape) for name, p in _adapter_params(model).items()}
 
 
-def load_trainable_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Overwrite the trainable parameters; the key set and shapes must match exactly."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    """Adapter tensors the optimizer updates (all but a frozen A)."""
+    return {n for n, p in _adapter_params(model).items() if p.requires_grad}
+
+
+def load_adapter_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Overwrite the adapter parameters; the key set and shapes must match exactly."""
+    params = _adapter_params(model)
     missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
     if missing or unexpected:
         raise KeyError(

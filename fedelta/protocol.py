@@ -8,7 +8,10 @@ SuperNode on a remote site.
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, RecordDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, RecordDict, UserConfigValue
 
 from fedelta.config import RunConfig
 
@@ -24,6 +27,10 @@ METRICS = "metrics"
 """MetricRecord: num-examples, losses, accuracy (client to server)."""
 SITE = "site"
 """ConfigRecord: who a node is (client to server, answering a query)."""
+FOLD = "fold"
+"""ArrayRecord: base-weight corrections of folding strategies (server to client)."""
+LOCAL_ADAPTER = "local-adapter"
+"""ArrayRecord in a node's ``Context.state``: adapter tensors a site keeps to itself."""
 
 ROUND_KEY = "server-round"
 NUM_EXAMPLES = "num-examples"
@@ -32,6 +39,72 @@ NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 SITE_NAME = "site-name"
+LORA_RANK = "lora-r"
+"""Optional: this site's LoRA rank (overrides ``lora.client-ranks``)."""
+
+
+class NodeConfigError(ValueError):
+    """The SuperNode was started without saying which data is its own."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """Which slice of the data a node holds, the name it reports under, its rank."""
+
+    partition_id: int
+    num_partitions: int
+    name: str
+    lora_r: int = 0
+    """The node config's ``lora-r``; 0 when the run config decides."""
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, UserConfigValue]) -> Site:
+        try:
+            partition_id = int(node_config[PARTITION_ID])
+            num_partitions = int(node_config[NUM_PARTITIONS])
+            lora_r = int(node_config.get(LORA_RANK, 0))
+        except KeyError as err:
+            raise NodeConfigError(
+                f"node config lacks {err}; start the SuperNode with "
+                f'--node-config "{PARTITION_ID}=0 {NUM_PARTITIONS}=N"'
+            ) from None
+        except (TypeError, ValueError) as err:
+            raise NodeConfigError(
+                f"node config '{PARTITION_ID}'/'{NUM_PARTITIONS}'/'{LORA_RANK}': {err}"
+            ) from None
+        name = str(node_config.get(SITE_NAME, f"client-{partition_id}"))
+        return cls(partition_id, num_partitions, name, lora_r)
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "name": self.name,
+                PARTITION_ID: self.partition_id,
+                NUM_PARTITIONS: self.num_partitions,
+                LORA_RANK: self.lora_r,
+            }
+        )
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> Site:
+        return cls(
+            int(record[PARTITION_ID]),
+            int(record.get(NUM_PARTITIONS, 0)),
+            str(record["name"]),
+            int(record.get(LORA_RANK, 0)),
+        )
+
+    def rank(self, config: RunConfig) -> int:
+        """This site's LoRA rank: node config, else ``lora.client-ranks`` by partition
+        id (cycled), else ``lora.r``. Must not exceed ``lora.r``."""
+        ranks = config.lora.client_rank_list()
+        rank = self.lora_r or (ranks[self.partition_id % len(ranks)] if ranks else config.lora.r)
+        if not 1 <= rank <= config.lora.r:
+            raise NodeConfigError(
+                f"site {self.name!r} asks for LoRA rank {rank}; it must be in "
+                f"[1, lora.r = {config.lora.r}]"
+            )
+        return rank
 
 
 def config_record(config: RunConfig, server_round: int) -> ConfigRecord:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,15 +52,24 @@ def train(
     lr: float,
     weight_decay: float = 0.0,
     optimizer: torch.optim.Optimizer | None = None,
+    proximal_mu: float = 0.0,
+    anchor: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """One AdamW step per batch on the trainable parameters.
 
     Federated clients start each round with a fresh optimizer (``optimizer=None``);
-    a centralised run passes its own to keep the moments across calls.
+    a centralised run passes its own to keep the moments across calls. With
+    ``proximal_mu > 0`` (FedProx) the loss gains ``mu/2 * ||w - anchor||^2`` over
+    the trainable parameters named in ``anchor``; the reported loss excludes it.
     """
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if optimizer is None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(list(named.values()), lr=lr, weight_decay=weight_decay)
+    pulled = (
+        [(p, anchor[n].to(p.dtype)) for n, p in named.items() if n in anchor]
+        if proximal_mu and anchor
+        else []
+    )
     model.train()
     total_loss, steps = 0.0, 0
     for batch in batches:
@@ -69,6 +78,8 @@ def train(
         value = loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss became {value} at step {steps}")
+        if pulled:
+            loss = loss + proximal_mu / 2 * sum((p - a).pow(2).sum() for p, a in pulled)
         loss.backward()
         optimizer.step()
         total_loss += value

@@ -65,7 +65,8 @@ def test_int_is_accepted_for_float_keys():
             {"data.partitioner": "shards"},
             "config key 'data.partitioner' must be one of iid, dirichlet",
         ),
-        ({"strategy": "fedmagic"}, "unknown strategy 'fedmagic'"),
+        ({"strategy.name": "fedmagic"}, "'strategy.name' must be one of"),
+        ({"strategy": "fedavg"}, "'strategy' is a section"),
         ({"lora.target-modules": " , "}, "config key 'lora.target-modules' must name a module"),
     ],
 )

@@ -2,42 +2,54 @@
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedelta import deltas, protocol
-from fedelta.client.trainer import ClientTrainer, Site
+from fedelta.client.trainer import ClientTrainer
 from fedelta.models import TensorDict
+from fedelta.protocol import Site
+from fedelta.strategies.optimizers import PROXIMAL_MU
 
 app = ClientApp()
 
 
 def _receive(msg: Message, context: Context) -> tuple[ClientTrainer, TensorDict, int]:
-    """The trainer for this node under the message's config, the global state, the round."""
+    """The trainer for this node with the global model loaded as this client sees it,
+    the adapter tensors it starts from, and the round."""
     config, server_round = protocol.read_config(msg.content)
     trainer = ClientTrainer(config, Site.from_node_config(context.node_config))
-    global_state = deltas.decode(msg.content.array_records[protocol.GLOBAL], trainer.layout)
-    return trainer, global_state, server_round
+    received = deltas.decode(msg.content.array_records[protocol.GLOBAL], trainer.global_layout)
+    fold_record = msg.content.array_records.get(protocol.FOLD)
+    fold = deltas.decode(fold_record) if fold_record is not None else {}
+    local_record = context.state.array_records.get(protocol.LOCAL_ADAPTER)
+    local = deltas.decode(local_record) if local_record is not None else {}
+    start = trainer.receive(received, fold, local)
+    return trainer, start, server_round
 
 
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
-    """Report the site name, so the server can sample and report by site, not node id."""
+    """Report the site (name, partition, rank), so the server samples and reports by site."""
     site = Site.from_node_config(context.node_config)
-    record = ConfigRecord({"name": site.name, protocol.PARTITION_ID: site.partition_id})
-    return Message(RecordDict({protocol.SITE: record}), reply_to=msg)
+    return Message(RecordDict({protocol.SITE: site.to_record()}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train from the global state and reply with the delta, never the data."""
-    trainer, global_state, server_round = _receive(msg, context)
-    delta, result = trainer.fit(global_state, server_round)
+    trainer, start, server_round = _receive(msg, context)
+    strategy = msg.content.config_records.get(protocol.STRATEGY)
+    mu = float(strategy.get(PROXIMAL_MU, 0.0)) if strategy is not None else 0.0
+    delta, kept, result = trainer.fit(start, server_round, proximal_mu=mu)
+    if kept:
+        context.state[protocol.LOCAL_ADAPTER] = deltas.encode(kept)
     metrics = MetricRecord(
         {
             protocol.NUM_EXAMPLES: len(trainer.data.train),
             "train-loss": result.loss,
             "train-steps": result.steps,
+            protocol.LORA_RANK: trainer.rank,
         }
     )
     return Message(
@@ -48,9 +60,9 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global state on this site's local validation split."""
-    trainer, global_state, _ = _receive(msg, context)
-    result = trainer.evaluate(global_state)
+    """Evaluate the global state (with this site's own tensors) on its validation split."""
+    trainer, _, _ = _receive(msg, context)
+    result = trainer.evaluate()
     metrics = MetricRecord(
         {
             protocol.NUM_EXAMPLES: result.examples,

@@ -1,29 +1,35 @@
 """What one client does with the global state: train locally, or evaluate it.
 
-The model is the process-wide cached one; only its trainable tensors are reset
-from the server's state, so successive rounds (and successive simulated clients
-in the same worker process) pay for model construction once.
+The model is the process-wide cached one (one per LoRA rank); only its adapter
+tensors and folded base weights are reset from the server's message, so
+successive rounds (and successive simulated clients in the same worker process)
+pay for model construction once.
+
+The strategy's LoRA rule says what the client sees and sends: a lower-rank
+client takes the first components of the global adapter (the rest folded into
+its base weights by exact rules), FFA-LoRA's A is regenerated from the shared
+seed instead of sent, and FedSA-LoRA's B comes from the site's own state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-from flwr.app import UserConfigValue
+import torch
 
-from fedelta import deltas
+from fedelta.client.view import load_client_view
 from fedelta.config import RunConfig
 from fedelta.data import ClientData, cycle, load_client_data, load_corpus, make_loader
+from fedelta.lora import B_SUFFIX, rank_layout
 from fedelta.models import (
     ModelSpec,
     TensorDict,
+    adapter_layout,
+    adapter_state,
     cached_model,
-    load_trainable_state,
-    trainable_layout,
-    trainable_state,
 )
-from fedelta.protocol import NUM_PARTITIONS, PARTITION_ID, SITE_NAME
+from fedelta.protocol import Site
+from fedelta.strategies import build_lora_aggregation, rank_scaling
 from fedelta.training import (
     EvalResult,
     TrainResult,
@@ -35,69 +41,80 @@ from fedelta.training import (
 )
 
 
-class NodeConfigError(ValueError):
-    """The SuperNode was started without saying which data is its own."""
-
-
-@dataclass(frozen=True)
-class Site:
-    """Which slice of the data this node holds, and the name it reports under."""
-
-    partition_id: int
-    num_partitions: int
-    name: str
-
-    @classmethod
-    def from_node_config(cls, node_config: Mapping[str, UserConfigValue]) -> Site:
-        try:
-            partition_id = int(node_config[PARTITION_ID])
-            num_partitions = int(node_config[NUM_PARTITIONS])
-        except KeyError as err:
-            raise NodeConfigError(
-                f"node config lacks {err}; start the SuperNode with "
-                f'--node-config "{PARTITION_ID}=0 {NUM_PARTITIONS}=N"'
-            ) from None
-        except (TypeError, ValueError) as err:
-            raise NodeConfigError(
-                f"node config '{PARTITION_ID}'/'{NUM_PARTITIONS}': {err}"
-            ) from None
-        name = str(node_config.get(SITE_NAME, f"client-{partition_id}"))
-        return cls(partition_id=partition_id, num_partitions=num_partitions, name=name)
-
-
 class ClientTrainer:
     """Local training and evaluation for one site under one run config."""
 
     def __init__(self, config: RunConfig, site: Site) -> None:
         self.config = config
         self.site = site
+        self.rank = site.rank(config)
+        self.rule = build_lora_aggregation(config)
+        self.scaling = rank_scaling(config)
         corpus = load_corpus(config.data, config.seed)
-        spec = ModelSpec.from_config(config, corpus.num_labels)
-        built = cached_model(spec)
+        built = cached_model(ModelSpec.from_config(config, corpus.num_labels, self.rank))
         self.model, self.tokenizer = built.model, built.tokenizer
+        self.initial_state = built.initial_state
         self.data: ClientData = load_client_data(
             config.data, config.seed, site.num_partitions, site.partition_id
         )
 
     @property
-    def layout(self) -> dict[str, tuple[int, ...]]:
-        return trainable_layout(self.model)
+    def global_layout(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the adapter tensors the server sends (global rank)."""
+        sent = {k: v for k, v in adapter_layout(self.model).items() if self.rule.exchanged(k)}
+        return dict(rank_layout(sent, self.scaling.global_rank))
 
-    def fit(self, global_state: TensorDict, server_round: int) -> tuple[TensorDict, TrainResult]:
-        """Train from ``global_state``; return the delta and what training saw."""
+    def receive(
+        self,
+        received: Mapping[str, torch.Tensor],
+        fold: Mapping[str, torch.Tensor],
+        local: Mapping[str, torch.Tensor],
+    ) -> TensorDict:
+        """Load the global model as this client sees it; returns the adapter it starts from."""
+        return load_client_view(
+            self.model,
+            self.rule,
+            self.rank,
+            received,
+            fold,
+            local,
+            initial_state=self.initial_state,
+            seed=self.config.seed,
+        )
+
+    def fit(
+        self,
+        start: TensorDict,
+        server_round: int,
+        proximal_mu: float = 0.0,
+    ) -> tuple[TensorDict, TensorDict, TrainResult]:
+        """Train from ``start`` (loaded by :meth:`receive`).
+
+        Returns the delta of the tensors this client sends, the tensors it keeps,
+        and what training saw.
+        """
         cfg = self.config
         seed = derive_seed(cfg.seed, server_round, self.site.partition_id)
         seed_everything(seed)
-        load_trainable_state(self.model, global_state)
         loader = make_loader(
             self.data.train, self.tokenizer, cfg.model.max_length, cfg.batch_size, True, seed
         )
         steps = steps_for(len(self.data.train), cfg.batch_size, cfg.local_epochs, cfg.local_steps)
-        result = train(self.model, cycle(loader, steps), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return deltas.subtract(trainable_state(self.model), global_state), result
+        result = train(
+            self.model,
+            cycle(loader, steps),
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            proximal_mu=proximal_mu,
+            anchor=start,
+        )
+        trained = adapter_state(self.model)
+        sent = {k: trained[k] - start[k] for k in start if self.rule.exchanged(k)}
+        kept = {k: trained[k] for k in start if self.rule.local_b and k.endswith(B_SUFFIX)}
+        return sent, kept, result
 
-    def evaluate(self, global_state: TensorDict) -> EvalResult:
-        load_trainable_state(self.model, global_state)
+    def evaluate(self) -> EvalResult:
+        """Evaluate the model loaded by :meth:`receive` on the local validation split."""
         loader = make_loader(
             self.data.validation, self.tokenizer, self.config.model.max_length, 64, False
         )

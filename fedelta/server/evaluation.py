@@ -8,7 +8,8 @@ import torch
 
 from fedelta.config import RunConfig
 from fedelta.data import load_corpus, make_loader
-from fedelta.models import ModelSpec, cached_model, load_trainable_state
+from fedelta.lora import FOLD_PREFIX, apply_fold
+from fedelta.models import ModelSpec, adapter_layout, cached_model, load_adapter_state
 from fedelta.training import EvalResult, evaluate
 
 EVAL_BATCH_SIZE = 64
@@ -27,10 +28,26 @@ class CentralEvaluator:
             built.tokenizer,
             built.initial_state,
         )
+        self.layout = adapter_layout(self.model)
         self.loader = make_loader(
             corpus.test, self.tokenizer, config.model.max_length, EVAL_BATCH_SIZE, False
         )
 
     def __call__(self, global_state: Mapping[str, torch.Tensor]) -> EvalResult:
-        load_trainable_state(self.model, global_state)
+        load_global_state(self.model, global_state)
         return evaluate(self.model, self.loader)
+
+
+def load_global_state(model: torch.nn.Module, global_state: Mapping[str, torch.Tensor]) -> None:
+    """Load the server's global state (adapter tensors and exact folds) into ``model``."""
+    load_adapter_state(
+        model, {k: v for k, v in global_state.items() if not k.startswith(FOLD_PREFIX)}
+    )
+    apply_fold(
+        model,
+        {
+            k.removeprefix(FOLD_PREFIX): v
+            for k, v in global_state.items()
+            if k.startswith(FOLD_PREFIX)
+        },
+    )

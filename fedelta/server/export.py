@@ -3,6 +3,9 @@
 ``OUT/adapter/`` loads with ``PeftModel.from_pretrained(base, OUT/adapter)`` where
 ``base`` is the model named in ``adapter_config.json`` with a classification head
 of ``len(labels)`` outputs; ``fedelta.json`` beside it records those labels.
+Strategies that fold updates into the base weights (FedEx-LoRA, FLoRA) also write
+``base_corrections.safetensors``: :func:`load_exported` and the merged export
+apply it; a bare ``PeftModel.from_pretrained`` would miss it, and says nothing.
 """
 
 from __future__ import annotations
@@ -13,21 +16,24 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 
 from fedelta.config import RUN_CONFIG_FILE, load_config
 from fedelta.data import load_corpus
+from fedelta.lora import FOLD_PREFIX, apply_fold
 from fedelta.models import (
     ModelSpec,
     build_peft_model,
     load_base_model,
     load_tokenizer,
-    load_trainable_state,
 )
 from fedelta.server.checkpoint import load_checkpoint
+from fedelta.server.evaluation import load_global_state
 
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 INFO_FILE = "fedelta.json"
+CORRECTIONS_FILE = "base_corrections.safetensors"
 
 
 def export_adapter(
@@ -37,10 +43,19 @@ def export_adapter(
     model_name: str,
     out_dir: Path,
 ) -> Path:
-    """Write the adapter (LoRA factors and head) with its labels and base model name."""
-    load_trainable_state(model, global_state)
+    """Write the adapter (LoRA factors and head) with its labels and base model name,
+    and the base-weight corrections of folding strategies."""
+    load_global_state(model, global_state)
     model.save_pretrained(str(out_dir))
     info = {"base-model": model_name, "labels": list(label_names)}
+    folds = {
+        k.removeprefix(FOLD_PREFIX): v.contiguous()
+        for k, v in global_state.items()
+        if k.startswith(FOLD_PREFIX)
+    }
+    if folds:
+        save_file(folds, str(out_dir / CORRECTIONS_FILE))
+        info["base-corrections"] = CORRECTIONS_FILE
     (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return out_dir
 
@@ -69,7 +84,10 @@ def load_exported(adapter_dir: Path) -> PeftModel:
     base = load_base_model(info["base-model"], len(info["labels"]))
     base.config.id2label = dict(enumerate(info["labels"]))
     base.config.label2id = {name: i for i, name in enumerate(info["labels"])}
-    return PeftModel.from_pretrained(base, str(adapter_dir))
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    if "base-corrections" in info:
+        apply_fold(model, load_file(str(adapter_dir / info["base-corrections"])))
+    return model
 
 
 def export_merged(adapter_dir: Path, out_dir: Path) -> Path:

@@ -58,12 +58,14 @@ class Federation:
         self.grid = grid
         self.config = config
         self.run_dir = run_dir
-        self.strategy = strategy or build_strategy(config.strategy)
+        self.strategy = strategy or build_strategy(config)
         self.resume = resume
         self.progress = progress
         self.metrics = MetricsLog(run_dir)
         self.sites: dict[int, str] = {}
         """Node id to site name, learned by querying each node once."""
+        self.ranks: dict[str, int] = {}
+        """Site name to the LoRA rank it trains."""
         self._down = self._up = 0
 
     # -- the run -------------------------------------------------------------------
@@ -73,7 +75,7 @@ class Federation:
         self._prepare_run_dir()
         evaluator = CentralEvaluator(self.config)
         global_state, rng, done = self._start(evaluator)
-        layout = deltas.layout_of(global_state)
+        layout = {k: v for k, v in deltas.layout_of(global_state).items() if k in evaluator.layout}
         bar = tqdm(
             total=self.config.num_server_rounds,
             initial=done,
@@ -159,7 +161,7 @@ class Federation:
             self.metrics.truncate_after(checkpoint.server_round)
             log.info("resuming after round %d from %s", checkpoint.server_round, self.run_dir)
             return checkpoint.global_state, rng, checkpoint.server_round
-        global_state = dict(evaluator.initial_state)
+        global_state = self.strategy.initial_state(evaluator.initial_state)
         rng = np.random.default_rng(self.config.seed)
         row = {"round": 0, **self._evaluate_centrally(evaluator, global_state)}
         self._complete_round(row, global_state, rng)
@@ -218,7 +220,13 @@ class Federation:
                 why = reply.error.reason if reply is not None and reply.has_error() else "no answer"
                 log.warning("node %d did not identify itself: %s", node_id, why)
                 continue
-            name = str(reply.content.config_records[protocol.SITE]["name"])
+            site = protocol.Site.from_record(reply.content.config_records[protocol.SITE])
+            try:
+                rank = site.rank(self.config)
+            except protocol.NodeConfigError as err:
+                log.warning("node %d left out: %s", node_id, err)
+                continue
+            name = site.name
             if name in self.sites.values():
                 log.warning(
                     "two nodes report site %r; calling node %d %r",
@@ -228,6 +236,7 @@ class Federation:
                 )
                 name = f"{name}#{node_id}"
             self.sites[node_id] = name
+            self.ranks[name] = rank
 
     def _train_round(
         self,
@@ -238,10 +247,8 @@ class Federation:
         sampled: list[str],
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         node_of = {site: nid for nid, site in available.items()}
-        records = {
-            protocol.GLOBAL: deltas.encode(global_state),
-            protocol.CONFIG: protocol.config_record(self.config, server_round),
-        }
+        self.strategy.begin_round(server_round, global_state, [self.ranks[s] for s in sampled])
+        records = self._global_records(server_round, global_state)
         if strategy_config := self.strategy.client_config(server_round):
             records[protocol.STRATEGY] = ConfigRecord(strategy_config)
         messages = [
@@ -253,7 +260,6 @@ class Federation:
             )
             for site in sampled
         ]
-        self.strategy.begin_round(global_state)
         failed: dict[str, str] = {}
         replied: list[str] = []
         loss_sum = examples = 0.0
@@ -264,12 +270,15 @@ class Federation:
             elif reply.has_error():
                 failed[site] = f"client error: {reply.error.reason}"
             else:
+                rank = self.ranks[site]
                 try:
-                    delta, num_examples, loss = _read_update(reply.content, layout)
+                    delta, num_examples, loss = _read_update(
+                        reply.content, self.strategy.uplink_layout(layout, rank)
+                    )
                 except deltas.InvalidUpdateError as err:
                     failed[site] = f"rejected update: {err}"
                 else:
-                    self.strategy.accumulate(delta, num_examples)
+                    self.strategy.accumulate(delta, num_examples, rank)
                     replied.append(site)
                     loss_sum += loss * num_examples
                     examples += num_examples
@@ -281,7 +290,7 @@ class Federation:
                 f"({'; '.join(f'{s}: {r}' for s, r in failed.items())})"
             )
         new_state = self.strategy.finish_round(global_state)
-        return new_state, {
+        return new_state, self.strategy.round_metrics() | {
             "train-loss": loss_sum / examples,
             "clients-sampled": len(sampled),
             "clients-replied": len(replied),
@@ -298,12 +307,7 @@ class Federation:
     ) -> dict[str, Any]:
         sites = sample_sites(rng, list(available.values()), self.config.fraction_evaluate, 1)
         node_of = {site: nid for nid, site in available.items()}
-        content = RecordDict(
-            {
-                protocol.GLOBAL: deltas.encode(global_state),
-                protocol.CONFIG: protocol.config_record(self.config, server_round),
-            }
-        )
+        content = RecordDict(self._global_records(server_round, global_state))
         messages = [
             Message(
                 content,
@@ -332,6 +336,19 @@ class Federation:
         return {"federated-accuracy": correct / count, "federated-loss": loss_sum / count}
 
     # -- messaging ---------------------------------------------------------------------
+    def _global_records(
+        self, server_round: int, global_state: Mapping[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        """The global model as the strategy sends it, and the run config."""
+        adapter, fold = self.strategy.downlink(global_state)
+        records: dict[str, Any] = {
+            protocol.GLOBAL: deltas.encode(adapter),
+            protocol.CONFIG: protocol.config_record(self.config, server_round),
+        }
+        if fold:
+            records[protocol.FOLD] = deltas.encode(fold)
+        return records
+
     def _timeout(self) -> float | None:
         return self.config.round_timeout or None
 

@@ -1,0 +1,25 @@
+"""Ways to combine one round's client updates: the mean and robust rules."""
+
+from fedelta.strategies.aggregators.base import Aggregator, BufferedAggregator
+from fedelta.strategies.aggregators.krum import Krum, MultiKrum
+from fedelta.strategies.aggregators.mean import Mean
+from fedelta.strategies.aggregators.median import Median
+from fedelta.strategies.aggregators.norm_bound import clip_to_norm, global_norm
+from fedelta.strategies.aggregators.trimmed_mean import TrimmedMean
+
+AGGREGATORS: dict[str, type[Aggregator]] = {
+    cls.name: cls for cls in (Mean, Median, TrimmedMean, Krum, MultiKrum)
+}
+
+__all__ = [
+    "AGGREGATORS",
+    "Aggregator",
+    "BufferedAggregator",
+    "Krum",
+    "Mean",
+    "Median",
+    "MultiKrum",
+    "TrimmedMean",
+    "clip_to_norm",
+    "global_norm",
+]

@@ -1,0 +1,72 @@
+"""How one round's client updates are combined into one aggregated delta.
+
+The mean folds each update into fp64 accumulators as it arrives (memory does not
+grow with the number of clients). Robust rules need to see all updates at once
+(an order statistic or pairwise distances), so they buffer them: memory grows
+linearly with the clients of a round, which their capability entry states.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+
+from fedelta.strategies.base import EmptyRoundError
+
+TensorDict = dict[str, torch.Tensor]
+
+
+class Aggregator(ABC):
+    """Combines weighted client updates of identical layout."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    streaming: ClassVar[bool] = False
+    linear: ClassVar[bool] = False
+    """Only the (weighted) sum of updates is needed, so secure aggregation can hide them."""
+
+    @abstractmethod
+    def begin(self) -> None:
+        """Forget the previous round."""
+
+    @abstractmethod
+    def add(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
+        """Take one client's update with its weight (number of examples)."""
+
+    @abstractmethod
+    def result(self) -> TensorDict:
+        """The combined update; raises :class:`EmptyRoundError` when nothing was added."""
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+
+class BufferedAggregator(Aggregator):
+    """Keeps every update of the round; subclasses combine the stacked tensors."""
+
+    def __init__(self) -> None:
+        self.updates: list[TensorDict] = []
+        self.weights: list[float] = []
+
+    def begin(self) -> None:
+        self.updates, self.weights = [], []
+
+    def add(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
+        self.updates.append({k: v.detach().float().clone() for k, v in update.items()})
+        self.weights.append(float(weight))
+
+    def result(self) -> TensorDict:
+        if not self.updates:
+            raise EmptyRoundError("no client update was accumulated this round")
+        return self.combine()
+
+    @abstractmethod
+    def combine(self) -> TensorDict:
+        """Combine ``self.updates`` (at least one)."""
+
+    def stacked(self, key: str) -> torch.Tensor:
+        """The updates of one tensor stacked on a new first axis."""
+        return torch.stack([u[key] for u in self.updates])

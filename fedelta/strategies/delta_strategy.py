@@ -1,0 +1,120 @@
+"""A strategy composed of a LoRA aggregation, norm bounding, a combination rule and
+a server optimizer: the form every built-in strategy takes.
+
+Per reply: the LoRA rule maps the client's delta into its aggregation space
+(padded factors, or exact weight updates), norm bounding clips it, the
+aggregator takes it (streamed for the mean, buffered for robust rules). At the
+end of the round the server optimizer steps the LoRA rule's parameters with the
+combined update, and the LoRA rule turns the result into the next global state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fedelta.lora import rank_layout
+from fedelta.strategies.aggregators import Aggregator, Mean, clip_to_norm
+from fedelta.strategies.base import Capabilities, EmptyRoundError, Layout, Strategy, TensorDict
+from fedelta.strategies.lora import LoraAggregation
+from fedelta.strategies.optimizers import FedAvg, ServerOptimizer
+
+
+class DeltaStrategy(Strategy):
+    """``lora`` x ``clip_norm`` x ``aggregator`` x ``optimizer``, each replaceable."""
+
+    def __init__(
+        self,
+        lora: LoraAggregation,
+        optimizer: ServerOptimizer | None = None,
+        aggregator: Aggregator | None = None,
+        clip_norm: float = 0.0,
+    ) -> None:
+        self.lora = lora
+        self.optimizer = optimizer or FedAvg()
+        self.aggregator = aggregator or Mean()
+        self.clip_norm = clip_norm
+        self._clipped = self._received = 0
+
+    @property
+    def name(self) -> str:
+        """``optimizer+lora[+robust][+clip]``, as shown in reports."""
+        parts = [self.optimizer.name, self.lora.name]
+        if self.aggregator.name != "mean":
+            parts.append(self.aggregator.name)
+        if self.clip_norm:
+            parts.append(f"clip{self.clip_norm:g}")
+        return "+".join(parts)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The LoRA rule's guarantees, narrowed by the combination rule and clipping:
+        robust rules are not sums (neither exact nor linear), and server-side norm
+        bounding needs each client's update in the clear."""
+        return Capabilities(
+            exact=self.lora.exact and self.aggregator.linear,
+            linear=self.lora.linear and self.aggregator.linear and not self.clip_norm,
+            heterogeneous_ranks=self.lora.heterogeneous_ranks,
+            dp_friendly=self.lora.dp_friendly,
+            streaming=self.aggregator.streaming,
+        )
+
+    def initial_state(self, adapter_state: Mapping[str, torch.Tensor]) -> TensorDict:
+        return self.lora.initial_state(adapter_state)
+
+    def client_config(self, server_round: int) -> dict[str, bool | int | float | str]:
+        return self.optimizer.client_config()
+
+    def downlink(self, global_state: Mapping[str, torch.Tensor]) -> tuple[TensorDict, TensorDict]:
+        return self.lora.downlink(global_state)
+
+    def uplink_layout(self, global_layout: Layout, rank: int | None = None) -> Layout:
+        sent = {k: v for k, v in global_layout.items() if self.lora.exchanged(k)}
+        return rank_layout(sent, rank or self.lora.scaling.global_rank)
+
+    def begin_round(
+        self,
+        server_round: int,
+        global_state: Mapping[str, torch.Tensor],
+        ranks: Sequence[int] = (),
+    ) -> None:
+        self.lora.begin(server_round, global_state, ranks)
+        self.aggregator.begin()
+        self._clipped = self._received = 0
+
+    def accumulate(
+        self, delta: Mapping[str, torch.Tensor], num_examples: int, rank: int | None = None
+    ) -> None:
+        if num_examples <= 0:
+            raise ValueError(f"num-examples must be positive, got {num_examples}")
+        rank = rank or self.lora.scaling.global_rank
+        update = self.lora.update(delta, rank)
+        if self.clip_norm:
+            update, clipped = clip_to_norm(update, self.clip_norm)
+            self._clipped += clipped
+        self.aggregator.add(update, num_examples)
+        self.lora.observe(delta, rank, num_examples)
+        self._received += 1
+
+    def finish_round(self, global_state: Mapping[str, torch.Tensor]) -> TensorDict:
+        if not self._received:
+            raise EmptyRoundError("no client update was accumulated this round")
+        combined = self.aggregator.result()
+        return self.lora.finish(self.optimizer.step(self.lora.params(), combined))
+
+    def round_metrics(self) -> dict[str, float]:
+        metrics = self.lora.metrics() | self.aggregator.metrics()
+        if self.clip_norm:
+            metrics["clients-clipped"] = float(self._clipped)
+        return metrics
+
+    def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:
+        return self.optimizer.state_dict(), {"strategy": self.name}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        saved = meta.get("strategy")
+        if saved is not None and saved != self.name:
+            raise ValueError(f"checkpoint was written by strategy {saved!r}, not {self.name!r}")
+        self.optimizer.load_state_dict(tensors)

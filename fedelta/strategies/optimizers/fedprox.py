@@ -1,0 +1,26 @@
+"""FedProx: FedAvg on the server, a proximal term on the clients (Li et al., 2020)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedelta.strategies.optimizers.fedavg import FedAvg
+
+PROXIMAL_MU = "proximal-mu"
+"""Client-config key: clients add (mu/2) * ||w - w_global||^2 to their loss."""
+
+
+class FedProx(FedAvg):
+    """Limits client drift on heterogeneous data by pulling local weights to the global."""
+
+    name = "fedprox"
+
+    def __init__(self, lr: float | None = None, mu: float = 0.01) -> None:
+        super().__init__(lr)
+        self.mu = mu
+
+    def client_config(self) -> dict[str, bool | int | float | str]:
+        return {PROXIMAL_MU: self.mu}
+
+    def describe(self) -> dict[str, Any]:
+        return {"lr": self.lr, "mu": self.mu}
