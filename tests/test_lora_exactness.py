@@ -92,9 +92,10 @@ def _round(dirs, arch, rule_name, ranks, weights, alpha, rslora, seed):
     server, server_init = _model(path, arch, GLOBAL_RANK, alpha, rslora, rule_name)
     gen = torch.Generator().manual_seed(seed)
     # A non-trivial global model: random adapter and, for folding rules, a random fold.
+    # (FFA-LoRA's A stays the seeded one: clients regenerate it rather than receive it.)
     global_state = strategy.initial_state(server_init)
     for name, value in global_state.items():
-        if server.get_parameter(name).requires_grad if not name.startswith(FOLD_PREFIX) else True:
+        if name.startswith(FOLD_PREFIX) or server.get_parameter(name).requires_grad:
             global_state[name] = torch.randn(value.shape, generator=gen) * 0.1
     modules = adapted_modules(global_state)
     load_global_state(server, global_state)
@@ -169,3 +170,21 @@ def test_capabilities_state_which_rules_are_exact():
     assert isinstance(
         DeltaStrategy(LORA_AGGREGATIONS["ffa"](RankScaling(4, 8))).capabilities, Capabilities
     )
+
+
+def test_fedsa_clients_train_their_own_b(model_dirs):
+    """FedSA-LoRA: B never travels; a site starts from its kept B, or its initial B."""
+    path = model_dirs["bert-linear"]
+    rule = LORA_AGGREGATIONS["fedsa"](RankScaling(GLOBAL_RANK, 16), seed=7)
+    model, init = _model(path, "bert-linear", 2, 16, False, "fedsa")
+    strategy = DeltaStrategy(rule)
+    global_state = strategy.initial_state(_model(path, "bert-linear", 4, 16, False, "fedsa")[1])
+    adapter, fold = strategy.downlink(global_state)
+    assert not any(k.endswith("lora_B.default.weight") for k in adapter) and not fold
+    b_names = [k for k in init if k.endswith("lora_B.default.weight")]
+    first = load_client_view(model, rule, 2, adapter, fold, {}, initial_state=init, seed=7)
+    assert all(torch.equal(first[k], init[k]) for k in b_names)
+    kept = {k: torch.full_like(init[k], 0.5) for k in b_names}
+    second = load_client_view(model, rule, 2, adapter, fold, kept, initial_state=init, seed=7)
+    assert all(torch.equal(second[k], kept[k]) for k in b_names)
+    assert all(torch.equal(model.get_parameter(k), kept[k]) for k in b_names)

@@ -131,3 +131,29 @@ def test_a_bad_update_is_rejected_and_the_round_goes_on(tiny_config, tmp_path):
     assert result.summary["total-failures"] == 2
     final = load_checkpoint(result.run_dir).global_state
     assert all(torch.isfinite(t).all() for t in final.values())
+
+
+def test_exact_aggregation_with_heterogeneous_ranks_exports_the_global_model(tiny_config):
+    from fedelta.server.evaluation import CentralEvaluator
+    from fedelta.training import evaluate
+
+    config = tiny_config.replace(
+        **{
+            "num-server-rounds": 2,
+            "fraction-evaluate": 0.0,
+            "lora.client-ranks": "4,8",
+            "strategy.lora": "fedex",
+            "strategy.fold-rank": 4,
+        }
+    )
+    result = simulate(config, progress=False)
+    first, last = result.rows[1], result.rows[2]
+    assert last["clients-replied"] == 2 and last["clients-failed"] == {}
+    # Round 1 starts from B = 0 (nothing to project); round 2 from a trained adapter.
+    assert first["rank-projection-error"] == 0.0 and 0 < last["rank-projection-error"] < 1
+    assert 0 < last["fold-error"] < 1
+    # The export (adapter + base corrections) is exactly the server's global model.
+    exported = load_exported(result.adapter_dir)
+    assert (result.adapter_dir / "base_corrections.safetensors").is_file()
+    accuracy = evaluate(exported, CentralEvaluator(config).loader).accuracy
+    assert accuracy == last["test-accuracy"]

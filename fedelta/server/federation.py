@@ -66,6 +66,8 @@ class Federation:
         """Node id to site name, learned by querying each node once."""
         self.ranks: dict[str, int] = {}
         """Site name to the LoRA rank it trains."""
+        self.refused: set[int] = set()
+        """Nodes whose site config this run cannot use (reported once)."""
         self._down = self._up = 0
 
     # -- the run -------------------------------------------------------------------
@@ -195,7 +197,7 @@ class Federation:
         while True:
             node_ids = set(self.grid.get_node_ids())
             self.sites = {nid: site for nid, site in self.sites.items() if nid in node_ids}
-            unknown = sorted(node_ids - self.sites.keys())
+            unknown = sorted(node_ids - self.sites.keys() - self.refused)
             if unknown:
                 self._query_sites(unknown)
             needed = max(self.config.min_available_nodes, self.config.min_train_nodes)
@@ -224,7 +226,8 @@ class Federation:
             try:
                 rank = site.rank(self.config)
             except protocol.NodeConfigError as err:
-                log.warning("node %d left out: %s", node_id, err)
+                log.warning("node %d left out of this run: %s", node_id, err)
+                self.refused.add(node_id)
                 continue
             name = site.name
             if name in self.sites.values():
