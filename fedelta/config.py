@@ -262,10 +262,11 @@ class RunConfig:
                     f"(got {self._get(key)!r})"
                 )
         self._validate_ranks()
-        if self.strategy.rank_projection == "svd" and self.strategy.lora in ("ffa", "fedsa"):
+        if self.strategy.rank_projection == "svd" and self.strategy.lora not in ("naive", "fedex"):
             raise ConfigError(
-                f"config key 'strategy.rank-projection' = \"svd\" re-factors A, which "
-                f'strategy.lora = {self.strategy.lora!r} keeps fixed or local; use "truncate"'
+                "config key 'strategy.rank-projection' = \"svd\" re-factors the global "
+                f"adapter, which strategy.lora = {self.strategy.lora!r} keeps fixed, local or "
+                "empty; use it with naive or fedex"
             )
         if self.min_available_nodes < self.min_train_nodes:
             raise ConfigError(

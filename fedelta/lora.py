@@ -142,11 +142,18 @@ def svd_factors(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
     Components come out ordered by singular value, so cutting to the first ``k`` is
     the best rank-``k`` approximation (what ``rank-projection = "svd"`` relies on).
+    Components with no singular value (a zero or rank-deficient product) keep B = 0
+    and get an A row of peft's initial scale along ``V``, so they can still learn.
     """
-    rank = a.shape[0]
+    rank, in_features = a.shape
     u, s, vh = torch.linalg.svd(b.double() @ a.double(), full_matrices=False)
-    root = s[:rank].sqrt()
-    return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
+    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    root = s.sqrt()
+    new_b, new_a = u * root, root[:, None] * vh
+    dead = s <= s.max() * 1e-6 if s.numel() and s.max() > 0 else torch.ones_like(s, dtype=bool)
+    new_b[:, dead] = 0.0
+    new_a[dead] = vh[dead] / math.sqrt(3.0)  # norm of a Kaiming-uniform(a=sqrt(5)) row
+    return new_b.float(), new_a.float()
 
 
 def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

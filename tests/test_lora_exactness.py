@@ -83,11 +83,11 @@ def _effective(model, modules) -> dict[str, torch.Tensor]:
     return {m: effective_update(model, m).detach().double() for m in modules}
 
 
-def _round(dirs, arch, rule_name, ranks, weights, alpha, rslora, seed):
+def _round(dirs, arch, rule_name, ranks, weights, alpha, rslora, seed, svd=False):
     """One round; returns (expected new effective updates, server's, client-start errors)."""
     path = dirs[arch]
     scaling = RankScaling(GLOBAL_RANK, alpha, rslora)
-    rule = LORA_AGGREGATIONS[rule_name](scaling, seed=7)
+    rule = LORA_AGGREGATIONS[rule_name](scaling, seed=7, svd_projection=svd)
     strategy = DeltaStrategy(rule)
     server, server_init = _model(path, arch, GLOBAL_RANK, alpha, rslora, rule_name)
     gen = torch.Generator().manual_seed(seed)
@@ -149,12 +149,16 @@ def _relative_error(expected, got) -> float:
     alpha=st.sampled_from([1, 8, 16]),
     rslora=st.booleans(),
     seed=st.integers(0, 2**16),
+    svd=st.booleans(),
 )
 def test_exact_rules_aggregate_the_weighted_sum_of_updates(
-    model_dirs, rule, arch, clients, alpha, rslora, seed
+    model_dirs, rule, arch, clients, alpha, rslora, seed, svd
 ):
     ranks, weights = zip(*clients, strict=True)
-    expected, got, start_error = _round(model_dirs, arch, rule, ranks, weights, alpha, rslora, seed)
+    svd = svd and rule == "fedex"  # the only exact rule whose adapter svd re-factors
+    expected, got, start_error = _round(
+        model_dirs, arch, rule, ranks, weights, alpha, rslora, seed, svd
+    )
     assert start_error < 1e-5, "a client did not start from the global model"
     assert _relative_error(expected, got) < 1e-5
 
@@ -188,3 +192,18 @@ def test_fedsa_clients_train_their_own_b(model_dirs):
     second = load_client_view(model, rule, 2, adapter, fold, kept, initial_state=init, seed=7)
     assert all(torch.equal(second[k], kept[k]) for k in b_names)
     assert all(torch.equal(model.get_parameter(k), kept[k]) for k in b_names)
+
+
+def test_svd_projection_keeps_the_product_and_never_kills_a_component():
+    from fedelta.lora import svd_factors
+
+    gen = torch.Generator().manual_seed(0)
+    b, a = torch.randn(6, 4, generator=gen), torch.randn(4, 5, generator=gen)
+    b[:, 3] = 0  # rank-deficient product: one component has no singular value
+    new_b, new_a = svd_factors(b, a)
+    assert torch.allclose(new_b @ new_a, b @ a, atol=1e-5)
+    assert (new_a.norm(dim=1) > 0.1).all()  # every A row can still carry a gradient to B
+    zero_b, zero_a = svd_factors(torch.zeros(6, 4), a)  # B = 0, as at initialisation
+    assert torch.equal(zero_b, torch.zeros(6, 4)) and (zero_a.norm(dim=1) > 0.1).all()
+    singular = torch.linalg.svdvals(b @ a)
+    assert torch.allclose((new_b[:, :2] @ new_a[:2]).norm(), singular[:2].norm(), atol=1e-4)

@@ -249,9 +249,46 @@ def test_strategy_is_composed_from_the_config_table():
         ({"strategy.trim-fraction": 0.5}, "'strategy.trim-fraction' must be in"),
         ({"lora.client-ranks": "2,16"}, "outside \\[1, lora.r = 8\\]"),
         ({"lora.client-ranks": "2,x"}, "comma-separated integers"),
-        ({"strategy.lora": "ffa", "strategy.rank-projection": "svd"}, "keeps fixed or local"),
+        (
+            {"strategy.lora": "ffa", "strategy.rank-projection": "svd"},
+            "keeps fixed, local or empty",
+        ),
     ],
 )
 def test_bad_strategy_config_is_refused_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         RunConfig().replace(**overrides)
+
+
+def test_fedprox_proximal_term_holds_clients_near_the_global_weights():
+    from types import SimpleNamespace
+
+    from fedelta.training import train
+
+    class Pull(torch.nn.Module):
+        """Loss pulls w to the target; the proximal term pulls it back to the anchor."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3))
+
+        def forward(self, target):
+            return SimpleNamespace(loss=(self.w - target).pow(2).sum())
+
+    batches = [{"target": torch.full((3,), 10.0)}] * 30
+    moved = {}
+    for mu in (0.0, 50.0):
+        model = Pull()
+        result = train(model, batches, lr=0.5, proximal_mu=mu, anchor={"w": torch.zeros(3)})
+        moved[mu] = float(model.w.detach().norm())
+        assert result.steps == 30
+    assert moved[50.0] < moved[0.0] / 4
+
+
+def test_a_strategy_object_must_match_the_clients_lora_rule():
+    from fedelta.server.federation import Federation
+
+    config = RunConfig()
+    ffa = build_strategy(config.replace(**{"strategy.lora": "ffa"}))
+    with pytest.raises(ConfigError, match="clients follow the config's strategy.lora = 'naive'"):
+        Federation(None, config, None, strategy=ffa)

@@ -59,6 +59,7 @@ class Federation:
         self.config = config
         self.run_dir = run_dir
         self.strategy = strategy or build_strategy(config)
+        _check_clients_match(self.strategy, config)
         self.resume = resume
         self.progress = progress
         self.metrics = MetricsLog(run_dir)
@@ -124,6 +125,7 @@ class Federation:
         rows = self.metrics.rows()
         summary = summarise(rows, time.monotonic() - started)
         summary["adapter"] = str(self.run_dir / ADAPTER_DIR)
+        summary["strategy"] = getattr(self.strategy, "name", type(self.strategy).__name__)
         write_summary(self.run_dir, summary)
         if self.progress:
             print(format_table(rows), flush=True)
@@ -381,6 +383,17 @@ class Federation:
                 time.sleep(POLL_SECONDS)
         for message_id in pending:
             yield destination[message_id], None
+
+
+def _check_clients_match(strategy: Strategy, config: RunConfig) -> None:
+    """Clients follow the config's LoRA rule (what they freeze, keep and send); a
+    strategy object with another rule would reject every reply, so refuse it now."""
+    rule = getattr(getattr(strategy, "lora", None), "name", config.strategy.lora)
+    if rule != config.strategy.lora:
+        raise ConfigError(
+            f"the strategy aggregates LoRA with {rule!r} but clients follow the config's "
+            f"strategy.lora = {config.strategy.lora!r}; set strategy.lora = {rule!r}"
+        )
 
 
 def _read_update(
