@@ -32,6 +32,8 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/server_memory.py
 	$(BIN)/python benchmarks/lora_ranks.py
+	$(BIN)/python benchmarks/server_optimizers.py
+	$(BIN)/python benchmarks/lora_rules_skew.py
 
 lint: install
 	$(BIN)/python -m pip install --quiet ruff

@@ -49,7 +49,6 @@ def train(msg: Message, context: Context) -> Message:
             protocol.NUM_EXAMPLES: len(trainer.data.train),
             "train-loss": result.loss,
             "train-steps": result.steps,
-            protocol.LORA_RANK: trainer.rank,
         }
     )
     return Message(
