@@ -28,6 +28,7 @@ VARIANTS = {
     "fedavgm": {"strategy.name": "fedavgm"},
     "fedavgm-lr0.1": {"strategy.name": "fedavgm", "strategy.server-lr": 0.1},
     "fedadam": {"strategy.name": "fedadam"},
+    "fedadam-lr0.1": {"strategy.name": "fedadam", "strategy.server-lr": 0.1},
     "fedyogi": {"strategy.name": "fedyogi"},
 }
 """Variant name to config overrides (unset server-lr: the optimizer's default)."""
@@ -49,8 +50,12 @@ def main() -> None:
             config = config.replace(**{"output-dir": str(Path(tmp) / str(i))})
             runs[name] = simulate(config, progress=False).rows
             print(name, [r.get("test-accuracy") for r in runs[name]], flush=True)
+    # Rerunning some variants updates them in the saved results and keeps the others.
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "server_optimizers.json").write_text(json.dumps(runs, indent=1) + "\n")
+    saved = RESULTS / "server_optimizers.json"
+    runs = (json.loads(saved.read_text()) if saved.exists() else {}) | runs
+    runs = {name: runs[name] for name in VARIANTS if name in runs}
+    saved.write_text(json.dumps(runs, indent=1) + "\n")
     rounds = max(len(rows) for rows in runs.values())
     lines = [
         "| variant | " + " | ".join(f"acc r{i}" for i in range(rounds)) + " |",

@@ -18,6 +18,7 @@ SVD (error feedback), and its relative error is reported as ``fold-error``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -42,7 +43,7 @@ TOTAL_PREFIX = "total/"
 """Optimizer-space keys: the effective update ``W - W0`` of one module."""
 
 
-class FoldingLora(LoraAggregation):
+class FoldingLora(LoraAggregation, ABC):
     """Aggregates exact weight updates; subclasses choose the next adapter factors."""
 
     exact = True
@@ -101,9 +102,9 @@ class FoldingLora(LoraAggregation):
             )
         return state
 
+    @abstractmethod
     def next_factors(self) -> TensorDict:
         """The adapter factors clients start the next round from."""
-        raise NotImplementedError
 
 
 class FedExLora(FoldingLora):
