@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from peft.tuners.lora import LoraLayer
 
+from fedelta.training import derive_seed
+
 TensorDict = dict[str, torch.Tensor]
 
 A_SUFFIX = ".lora_A.default.weight"
@@ -76,9 +78,7 @@ def seeded_lora_A(seed: int, module: str, rank: int, in_features: int) -> torch.
     Independent of process, build order and client rank, so all clients and the
     server agree on ``A`` without sending it (FFA-LoRA) and lower ranks are prefixes.
     """
-    generator = torch.Generator().manual_seed(
-        (seed * 1_000_003 + zlib.crc32(module.encode())) % (2**63 - 1)
-    )
+    generator = torch.Generator().manual_seed(derive_seed(seed, zlib.crc32(module.encode())))
     bound = 1.0 / math.sqrt(in_features)
     return (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
 

@@ -169,11 +169,6 @@ def adapter_layout(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in _adapter_params(model).items()}
 
 
-def trainable_names(model: torch.nn.Module) -> set[str]:
-    """Adapter tensors the optimizer updates (all but a frozen A)."""
-    return {n for n, p in _adapter_params(model).items() if p.requires_grad}
-
-
 def load_adapter_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Overwrite the adapter parameters; the key set and shapes must match exactly."""
     params = _adapter_params(model)
