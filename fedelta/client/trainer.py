@@ -29,7 +29,7 @@ from fedelta.models import (
     cached_model,
 )
 from fedelta.protocol import Site
-from fedelta.strategies import build_lora_aggregation, rank_scaling
+from fedelta.strategies import build_lora_aggregation
 from fedelta.training import (
     EvalResult,
     TrainResult,
@@ -49,7 +49,6 @@ class ClientTrainer:
         self.site = site
         self.rank = site.rank(config)
         self.rule = build_lora_aggregation(config)
-        self.scaling = rank_scaling(config)
         corpus = load_corpus(config.data, config.seed)
         built = cached_model(ModelSpec.from_config(config, corpus.num_labels, self.rank))
         self.model, self.tokenizer = built.model, built.tokenizer
@@ -62,7 +61,7 @@ class ClientTrainer:
     def global_layout(self) -> dict[str, tuple[int, ...]]:
         """Names and shapes of the adapter tensors the server sends (global rank)."""
         sent = {k: v for k, v in adapter_layout(self.model).items() if self.rule.exchanged(k)}
-        return dict(rank_layout(sent, self.scaling.global_rank))
+        return dict(rank_layout(sent, self.rule.scaling.global_rank))
 
     def receive(
         self,
