@@ -163,11 +163,6 @@ def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return (u[:, :k] * s[:k]).float(), vh[:k].float()
 
 
-def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
-    norm = float(exact.norm())
-    return float((exact - approx).norm()) / norm if norm > 0 else 0.0
-
-
 # -- folding into a live peft model ---------------------------------------------------
 def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
     """Adapted layers by the module name used in trainable-state keys."""

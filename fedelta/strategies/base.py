@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,9 +42,6 @@ class Capabilities:
     """Clipping and noising the upload bounds the update it causes (client-level DP)."""
     streaming: bool
     """Server memory does not grow with the number of clients in a round."""
-
-    def as_dict(self) -> dict[str, bool]:
-        return asdict(self)
 
 
 class Strategy(ABC):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -41,6 +41,3 @@ class ServerOptimizer(ABC):
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
         return None
-
-    def describe(self) -> dict[str, Any]:
-        return {"lr": self.lr}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 
@@ -37,6 +36,3 @@ class FedAvgM(ServerOptimizer):
             for k, v in tensors.items()
             if k.startswith("velocity/")
         }
-
-    def describe(self) -> dict[str, Any]:
-        return {"lr": self.lr, "momentum": self.momentum}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 
@@ -58,6 +57,3 @@ class FedOpt(ServerOptimizer):
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self.m = {k[2:]: t.clone() for k, t in tensors.items() if k.startswith("m/")}
         self.v = {k[2:]: t.clone() for k, t in tensors.items() if k.startswith("v/")}
-
-    def describe(self) -> dict[str, Any]:
-        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "tau": self.tau}

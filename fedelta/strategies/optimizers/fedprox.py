@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fedelta.strategies.optimizers.fedavg import FedAvg
 
 PROXIMAL_MU = "proximal-mu"
@@ -21,6 +19,3 @@ class FedProx(FedAvg):
 
     def client_config(self) -> dict[str, bool | int | float | str]:
         return {PROXIMAL_MU: self.mu}
-
-    def describe(self) -> dict[str, Any]:
-        return {"lr": self.lr, "mu": self.mu}
