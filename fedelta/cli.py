@@ -1,4 +1,5 @@
-"""The ``fedelta`` command line: simulate, resume, export, and the centralised baseline."""
+"""The ``fedelta`` command line: simulate, resume, export, the centralised baseline, and
+the commands that stand up a secured multi-site deployment."""
 
 from __future__ import annotations
 
@@ -6,15 +7,17 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
 
-from fedelta import __version__
+from fedelta import __version__, deployment
 from fedelta.assets import AssetNotInstalledError
 from fedelta.config import RUN_CONFIG_FILE, ConfigError, RunConfig, load_config
 from fedelta.data import DataError
 from fedelta.models import ModelNotFoundError
+from fedelta.privacy.certs import CertificateError
 from fedelta.protocol import NodeConfigError
 from fedelta.server.checkpoint import CheckpointError
 
@@ -25,6 +28,8 @@ USER_ERRORS = (
     ModelNotFoundError,
     CheckpointError,
     NodeConfigError,
+    CertificateError,
+    deployment.DeploymentError,
 )
 """Errors caused by what the user asked for: printed as one line, no traceback."""
 
@@ -102,7 +107,82 @@ def _parser() -> argparse.ArgumentParser:
     cen.add_argument("--eval-every", type=int, default=100)
     cen.add_argument("--out", type=Path, help="write the rows as JSON lines here")
     cen.set_defaults(command=_centralised)
+    _add_deployment_commands(sub)
     return parser
+
+
+def _add_deployment_commands(sub: argparse._SubParsersAction) -> None:
+    """certs, partition, superlink, supernode, connect, register: a secured deployment."""
+    certs = sub.add_parser(
+        "certs", help="write a CA, the SuperLink's TLS certificate and one key pair per site"
+    )
+    certs.add_argument("--out", type=Path, required=True, help="folder to write into")
+    certs.add_argument(
+        "--superlink-host",
+        required=True,
+        help="DNS name or IP the sites use to reach the SuperLink (goes into the certificate)",
+    )
+    certs.add_argument("--supernodes", type=int, default=2, help="sites site-0 .. site-(N-1)")
+    certs.add_argument("--names", help="comma-separated site names instead of site-<i>")
+    certs.add_argument("--valid-days", type=int, default=365)
+    certs.add_argument("--force", action="store_true", help="overwrite existing files")
+    certs.set_defaults(command=_certs)
+
+    part = sub.add_parser(
+        "partition", help="write each site's partition as a data file (rehearse a deployment)"
+    )
+    part.add_argument("--config", type=Path)
+    _add_set(part)
+    part.add_argument("--num-partitions", type=int, required=True)
+    part.add_argument("--out", type=Path, required=True, help="writes OUT/site-<i>/train.csv")
+    part.set_defaults(command=_partition)
+
+    link = sub.add_parser("superlink", help="start the SuperLink (TLS, registered sites only)")
+    link.add_argument("--certs", type=Path, help="the superlink/ folder from fedelta certs")
+    link.add_argument("--fleet-api-address", default=deployment.FLEET_API_ADDRESS)
+    link.add_argument("--control-api-address", default=deployment.CONTROL_API_ADDRESS)
+    link.add_argument("--database", help="SQLite file: keeps registered sites across restarts")
+    link.add_argument("--insecure", action="store_true", help="no TLS, no node auth (warns)")
+    link.add_argument("--dry-run", action="store_true", help="print the command, start nothing")
+    link.set_defaults(command=_superlink)
+
+    node = sub.add_parser("supernode", help="start one site's SuperNode")
+    node.add_argument("--certs", type=Path, help="the supernodes/<site>/ folder from fedelta certs")
+    node.add_argument("--superlink", required=True, help="the SuperLink's Fleet API, HOST:9092")
+    node.add_argument("--data-path", default="", help="this site's data file")
+    node.add_argument("--partition-id", type=int, help="rehearsal: train on this partition")
+    node.add_argument("--num-partitions", type=int)
+    node.add_argument("--site-name", default="", help="default: the --certs folder's name")
+    node.add_argument("--lora-r", type=int, default=0, help="this site's LoRA rank")
+    node.add_argument(
+        "--runtime-port",
+        type=int,
+        default=deployment.CLIENTAPP_RUNTIME_PORT,
+        help="loopback port for this SuperNode's ClientApps (distinct per SuperNode on a host)",
+    )
+    node.add_argument(
+        "--max-wait-time",
+        type=float,
+        help="give up after this many seconds without reaching the SuperLink (default: never)",
+    )
+    node.add_argument("--insecure", action="store_true", help="no TLS, no node auth (warns)")
+    node.add_argument("--dry-run", action="store_true", help="print the command, start nothing")
+    node.set_defaults(command=_supernode)
+
+    conn = sub.add_parser(
+        "connect", help="add a SuperLink connection to Flower's CLI config (flwr run . NAME)"
+    )
+    conn.add_argument("name", help="connection name, used as `flwr run . NAME`")
+    conn.add_argument("--address", required=True, help="the SuperLink's Control API, HOST:9093")
+    conn.add_argument("--ca", type=Path, help="the federation's ca.crt")
+    conn.add_argument("--insecure", action="store_true", help="no TLS (warns)")
+    conn.set_defaults(command=_connect)
+
+    reg = sub.add_parser("register", help="register the sites' public keys with the SuperLink")
+    reg.add_argument("name", help="the connection name given to fedelta connect")
+    reg.add_argument("--certs", type=Path, required=True, help="the folder fedelta certs wrote")
+    reg.add_argument("--sites", help="comma-separated sites (default: every site under --certs)")
+    reg.set_defaults(command=_register)
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -176,6 +256,83 @@ def _centralised(args: argparse.Namespace) -> int:
     )
     if args.out:
         args.out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from fedelta.privacy.certs import generate_certs, site_names
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else ()
+    written = generate_certs(
+        args.out,
+        args.superlink_host,
+        site_names(args.supernodes, names),
+        force=args.force,
+        valid_days=args.valid_days,
+    )
+    print(f"CA:        {written.ca_cert}  (keep {written.root / 'ca.key'} offline)")
+    print(f"SuperLink: {written.superlink}/  (for host {args.superlink_host})")
+    for site in written.sites:
+        print(f"{site + ':':<10} {written.site(site)}/  (send this folder to the site)")
+    return 0
+
+
+def _partition(args: argparse.Namespace) -> int:
+    from fedelta.data import write_site_files
+
+    config = load_config(args.config, args.overrides)
+    if args.num_partitions < 1:
+        raise ConfigError("--num-partitions must be >= 1")
+    for path in write_site_files(config.data, config.seed, args.num_partitions, args.out):
+        print(path)
+    return 0
+
+
+def _superlink(args: argparse.Namespace) -> int:
+    command = deployment.superlink_command(
+        args.certs,
+        fleet_api_address=args.fleet_api_address,
+        control_api_address=args.control_api_address,
+        database=args.database,
+        insecure=args.insecure,
+    )
+    return _exec(command, args.dry_run)
+
+
+def _supernode(args: argparse.Namespace) -> int:
+    data = deployment.SiteData(args.data_path, args.partition_id, args.num_partitions)
+    command = deployment.supernode_command(
+        args.certs,
+        args.superlink,
+        data,
+        site_name=args.site_name,
+        lora_r=args.lora_r,
+        runtime_port=args.runtime_port,
+        max_wait_time=args.max_wait_time,
+        insecure=args.insecure,
+    )
+    return _exec(command, args.dry_run)
+
+
+def _exec(command: list[str], dry_run: bool) -> int:
+    """Print the Flower command, then become it (same pid: signals reach Flower)."""
+    print(shlex.join(command), flush=True)
+    if dry_run:
+        return 0
+    os.execvp(command[0], command)
+
+
+def _connect(args: argparse.Namespace) -> int:
+    deployment.connect(args.name, args.address, args.ca, insecure=args.insecure)
+    print(f"SuperLink connection {args.name!r} -> {args.address}; now: flwr run . {args.name}")
+    return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    sites = [s.strip() for s in args.sites.split(",")] if args.sites else ()
+    keys = deployment.site_public_keys(args.certs, sites)
+    for site, outcome in deployment.register(args.name, keys).items():
+        print(f"{site}: {outcome}")
     return 0
 
 

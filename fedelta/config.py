@@ -80,6 +80,13 @@ class DataConfig:
     dirichlet_alpha: float = 0.5
     validation_fraction: float = 0.1
     """Share of each client's partition kept for federated evaluation."""
+    labels: str = ""
+    """Label names in class-id order, comma-separated; empty: those of ``name``'s corpus.
+    The server fills them in before the first round, so sites training on their own
+    data file (node config ``data-path``) map their labels to the same ids."""
+
+    def label_list(self) -> tuple[str, ...]:
+        return tuple(item.strip() for item in self.labels.split(",") if item.strip())
 
 
 @dataclass
@@ -262,6 +269,12 @@ class RunConfig:
                     f"(got {self._get(key)!r})"
                 )
         self._validate_ranks()
+        labels = self.data.label_list()
+        if self.data.labels.strip() and (len(labels) < 2 or len(set(labels)) != len(labels)):
+            raise ConfigError(
+                "config key 'data.labels' must list at least 2 distinct label names "
+                f"(got {self.data.labels!r})"
+            )
         if self.strategy.rank_projection == "svd" and self.strategy.lora not in ("naive", "fedex"):
             raise ConfigError(
                 "config key 'strategy.rank-projection' = \"svd\" re-factors the global "

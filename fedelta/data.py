@@ -64,16 +64,29 @@ class ClientData:
 def load_corpus(config: DataConfig, seed: int) -> Corpus:
     """Load, normalise and split the corpus; cached per process."""
     return _load_corpus_cached(
-        config.name, config.text_column, config.label_column, config.test_size, seed
+        config.name,
+        config.text_column,
+        config.label_column,
+        config.test_size,
+        seed,
+        config.label_list(),
     )
+
+
+def label_names(config: DataConfig, seed: int) -> tuple[str, ...]:
+    """The federation's label names in class-id order: ``data.labels``, else the corpus's."""
+    return config.label_list() or load_corpus(config, seed).label_names
 
 
 @functools.lru_cache(maxsize=4)
 def _load_corpus_cached(
-    name: str, text_column: str, label_column: str, test_size: int, seed: int
+    name: str,
+    text_column: str,
+    label_column: str,
+    test_size: int,
+    seed: int,
+    labels: tuple[str, ...],
 ) -> Corpus:
-    datasets.disable_progress_bars()
-    logging.getLogger("datasets").setLevel(logging.ERROR)
     if name in CORPORA:
         path = CORPORA[name].path()
         table = _read_table(path)
@@ -89,10 +102,56 @@ def _load_corpus_cached(
                 f"or a built-in corpus: {known})"
             )
         table = _read_table(path)
+    table = _normalise(table, path, text_column, label_column, labels)
+    if test_size >= len(table):
+        raise DataError(
+            f"data.test-size ({test_size}) must be smaller than the {len(table)} "
+            f"usable examples in '{path}'"
+        )
+    split = table.train_test_split(test_size=test_size, seed=seed, stratify_by_column=LABEL)
+    return Corpus(
+        pool=split["train"], test=split["test"], label_names=tuple(table.features[LABEL].names)
+    )
+
+
+def load_site_data(path: str | Path, config: DataConfig, seed: int) -> ClientData:
+    """A site's own data file, its labels mapped to the federation's ``data.labels``.
+
+    This is what a deployed SuperNode trains on when its node config names a
+    ``data-path``: the whole file is the site's, split into train and validation.
+    """
+    return _site_data(str(Path(path).expanduser()), dataclasses.astuple(config), seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _site_data(path: str, config_fields: tuple, seed: int) -> ClientData:
+    config = DataConfig(*config_fields)
+    labels = config.label_list()
+    if not labels:
+        raise DataError(
+            f"site data file '{path}' needs the federation's label names (data.labels); "
+            "the server sends them, or set data.labels in the run config"
+        )
+    if not Path(path).is_file():
+        raise DataError(f"site data file '{path}' does not exist (node config 'data-path')")
+    table = _read_table(Path(path))
+    table = _normalise(table, path, config.text_column, config.label_column, labels)
+    return _split_validation(table, config.validation_fraction, seed)
+
+
+def _normalise(
+    table: datasets.Dataset,
+    source: str | Path,
+    text_column: str,
+    label_column: str,
+    labels: tuple[str, ...],
+) -> datasets.Dataset:
+    """Columns renamed to ``text``/``label``, empty rows dropped, labels encoded as class
+    ids: by ``labels`` when given (unknown labels are an error), else sorted."""
     for column in (text_column, label_column):
         if column not in table.column_names:
             raise DataError(
-                f"data file '{path}' has no column '{column}' "
+                f"data file '{source}' has no column '{column}' "
                 f"(columns: {', '.join(table.column_names)}); "
                 "set data.text-column / data.label-column"
             )
@@ -104,22 +163,30 @@ def _load_corpus_cached(
     table = table.filter(lambda row: isinstance(row[TEXT], str) and row[TEXT].strip() != "")
     table = table.filter(lambda row: row[LABEL] is not None)
     if len(table) == 0:
-        raise DataError(f"data file '{path}' has no usable rows (non-empty text and a label)")
-    if not isinstance(table.features[LABEL], datasets.ClassLabel):
-        table = table.cast_column(LABEL, datasets.Value("string")).class_encode_column(LABEL)
-    label_names = tuple(table.features[LABEL].names)
-    if len(label_names) < 2:
-        raise DataError(f"data file '{path}' has fewer than 2 distinct labels: {label_names}")
-    if test_size >= len(table):
-        raise DataError(
-            f"data.test-size ({test_size}) must be smaller than the {len(table)} "
-            f"usable examples in '{path}'"
-        )
-    split = table.train_test_split(test_size=test_size, seed=seed, stratify_by_column=LABEL)
-    return Corpus(pool=split["train"], test=split["test"], label_names=label_names)
+        raise DataError(f"data file '{source}' has no usable rows (non-empty text and a label)")
+    table = table.cast_column(LABEL, datasets.Value("string"))
+    if labels:
+        unknown = sorted(set(table[LABEL]) - set(labels))
+        if unknown:
+            raise DataError(
+                f"data file '{source}' has labels {unknown} that are not among the "
+                f"federation's labels (data.labels = {', '.join(labels)})"
+            )
+        ids = {name: i for i, name in enumerate(labels)}
+        features = table.features.copy()
+        features[LABEL] = datasets.ClassLabel(names=list(labels))
+        table = table.map(lambda row: {LABEL: ids[row[LABEL]]}, features=features)
+    else:
+        table = table.class_encode_column(LABEL)
+    names = table.features[LABEL].names
+    if len(names) < 2:
+        raise DataError(f"data file '{source}' has fewer than 2 distinct labels: {names}")
+    return table
 
 
 def _read_table(path: Path) -> datasets.Dataset:
+    datasets.disable_progress_bars()
+    logging.getLogger("datasets").setLevel(logging.ERROR)
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in _COMPRESSION:
         suffixes = suffixes[:-1]
@@ -189,6 +256,29 @@ def _partitioner(config_fields: tuple, seed: int, num_partitions: int) -> Partit
         )
     partitioner.dataset = pool
     return partitioner
+
+
+def write_site_files(
+    config: DataConfig, seed: int, num_partitions: int, out: Path, prefix: str = "site"
+) -> list[Path]:
+    """Write client ``i``'s partition to ``out/<prefix>-<i>/train.csv`` with label names.
+
+    Rehearses a deployment with one data volume per site: each SuperNode then reads
+    only its own file (node config ``data-path``), the server's test split is in
+    none of them, and the split is the one ``fedelta simulate`` would use.
+    """
+    names = load_corpus(config, seed).label_names
+    paths = []
+    for partition_id in range(num_partitions):
+        part = load_client_data(config, seed, num_partitions, partition_id)
+        frame = datasets.concatenate_datasets([part.train, part.validation]).to_pandas()
+        frame[LABEL] = frame[LABEL].map(names.__getitem__)
+        frame = frame.rename(columns={TEXT: config.text_column, LABEL: config.label_column})
+        path = Path(out) / f"{prefix}-{partition_id}" / "train.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(path, index=False)
+        paths.append(path)
+    return paths
 
 
 def _split_validation(part: datasets.Dataset, fraction: float, seed: int) -> ClientData:

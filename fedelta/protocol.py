@@ -8,6 +8,7 @@ SuperNode on a remote site.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -41,6 +42,8 @@ NUM_PARTITIONS = "num-partitions"
 SITE_NAME = "site-name"
 LORA_RANK = "lora-r"
 """Optional: this site's LoRA rank (overrides ``lora.client-ranks``)."""
+DATA_PATH = "data-path"
+"""A deployed site's own data file (CSV/JSON/JSONL/Parquet); replaces the partition."""
 
 
 class NodeConfigError(ValueError):
@@ -56,24 +59,42 @@ class Site:
     name: str
     lora_r: int = 0
     """The node config's ``lora-r``; 0 when the run config decides."""
+    data_path: str = ""
+    """The node config's ``data-path``: the site trains on this file instead of a
+    partition; ``partition-id`` is then optional (derived from the name) and only
+    seeds the site's shuffling and picks its rank from ``lora.client-ranks``."""
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, UserConfigValue]) -> Site:
+        """Read a SuperNode's node config: a ``data-path`` (a real site) or a
+        ``partition-id``/``num-partitions`` pair (simulation and rehearsals)."""
+        data_path = str(node_config.get(DATA_PATH, "")).strip()
+        name = str(node_config.get(SITE_NAME, "")).strip()
+        if data_path and not name:
+            raise NodeConfigError(
+                f"node config has '{DATA_PATH}' but no '{SITE_NAME}'; name the site, "
+                f'e.g. --node-config "{DATA_PATH}=/data/train.csv {SITE_NAME}=site-0"'
+            )
         try:
+            lora_r = int(node_config.get(LORA_RANK, 0))
+            if data_path:
+                default_id = zlib.crc32(name.encode()) % 1_000_003
+                partition_id = int(node_config.get(PARTITION_ID, default_id))
+                num_partitions = int(node_config.get(NUM_PARTITIONS, 0))
+                return cls(partition_id, num_partitions, name, lora_r, data_path)
             partition_id = int(node_config[PARTITION_ID])
             num_partitions = int(node_config[NUM_PARTITIONS])
-            lora_r = int(node_config.get(LORA_RANK, 0))
         except KeyError as err:
             raise NodeConfigError(
                 f"node config lacks {err}; start the SuperNode with "
-                f'--node-config "{PARTITION_ID}=0 {NUM_PARTITIONS}=N"'
+                f'--node-config "{DATA_PATH}=FILE {SITE_NAME}=NAME" (a site\'s own data) or '
+                f'"{PARTITION_ID}=0 {NUM_PARTITIONS}=N" (a partition, for rehearsals)'
             ) from None
         except (TypeError, ValueError) as err:
             raise NodeConfigError(
                 f"node config '{PARTITION_ID}'/'{NUM_PARTITIONS}'/'{LORA_RANK}': {err}"
             ) from None
-        name = str(node_config.get(SITE_NAME, f"client-{partition_id}"))
-        return cls(partition_id, num_partitions, name, lora_r)
+        return cls(partition_id, num_partitions, name or f"client-{partition_id}", lora_r)
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(

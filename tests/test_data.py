@@ -1,7 +1,13 @@
 import pytest
 
 from fedelta.config import DataConfig
-from fedelta.data import DataError, load_client_data, load_corpus
+from fedelta.data import (
+    DataError,
+    load_client_data,
+    load_corpus,
+    load_site_data,
+    write_site_files,
+)
 
 
 def test_rotten_tomatoes_is_reviews_only_with_a_held_out_split():
@@ -74,3 +80,42 @@ def test_unsupported_file_type_and_too_many_clients(tmp_path):
     config = DataConfig(name=_csv(tmp_path, "text,label\n" + rows), test_size=2)
     with pytest.raises(DataError, match=r"more clients \(20\) than training examples \(10\)"):
         load_client_data(config, 0, 20, 0)
+
+
+def test_site_files_hold_each_partition_and_read_back_with_the_federation_labels(tmp_path):
+    config = DataConfig(test_size=500)
+    paths = write_site_files(config, 7, 3, tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == [
+        f"site-{i}/train.csv" for i in range(3)
+    ]
+    labeled = DataConfig(test_size=500, labels="fresh,rotten")
+    for i, path in enumerate(paths):
+        part = load_client_data(config, 7, 3, i)
+        site = load_site_data(path, labeled, seed=11)
+
+        def rows(data):
+            both = [data.train, data.validation]
+            return sorted((row["text"], row["label"]) for split in both for row in split)
+
+        assert rows(site) == rows(part)  # same examples, same class ids
+    held_out = set(load_corpus(config, 7).test["text"])
+    assert not held_out & set(load_site_data(paths[0], labeled, 11).train["text"])
+
+
+def test_site_labels_follow_data_labels_not_the_file(tmp_path):
+    path = _csv(tmp_path, "text,label\na,neg\nb,pos\nc,pos\nd,pos\n")
+    data = load_site_data(path, DataConfig(labels="pos,neg", validation_fraction=0.0), 0)
+    assert dict(zip(data.train["text"], data.train["label"], strict=True)) == {
+        "a": 1,
+        "b": 0,
+        "c": 0,
+        "d": 0,
+    }
+    with pytest.raises(DataError, match=r"labels \['maybe'\] that are not among"):
+        load_site_data(
+            _csv(tmp_path, "text,label\na,pos\nb,maybe\n"), DataConfig(labels="pos,neg"), 0
+        )
+    with pytest.raises(DataError, match="needs the federation's label names"):
+        load_site_data(path, DataConfig(), 0)
+    with pytest.raises(DataError, match="does not exist"):
+        load_site_data(tmp_path / "missing.csv", DataConfig(labels="pos,neg"), 0)

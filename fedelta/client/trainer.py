@@ -19,7 +19,14 @@ import torch
 
 from fedelta.client.view import load_client_view
 from fedelta.config import RunConfig
-from fedelta.data import ClientData, cycle, load_client_data, load_corpus, make_loader
+from fedelta.data import (
+    ClientData,
+    cycle,
+    label_names,
+    load_client_data,
+    load_site_data,
+    make_loader,
+)
 from fedelta.lora import B_SUFFIX, rank_layout
 from fedelta.models import (
     ModelSpec,
@@ -49,13 +56,17 @@ class ClientTrainer:
         self.site = site
         self.rank = site.rank(config)
         self.rule = build_lora_aggregation(config)
-        corpus = load_corpus(config.data, config.seed)
-        built = cached_model(ModelSpec.from_config(config, corpus.num_labels, self.rank))
+        num_labels = len(label_names(config.data, config.seed))
+        built = cached_model(ModelSpec.from_config(config, num_labels, self.rank))
         self.model, self.tokenizer = built.model, built.tokenizer
         self.initial_state = built.initial_state
-        self.data: ClientData = load_client_data(
-            config.data, config.seed, site.num_partitions, site.partition_id
-        )
+        self.data: ClientData
+        if site.data_path:
+            self.data = load_site_data(site.data_path, config.data, config.seed + site.partition_id)
+        else:
+            self.data = load_client_data(
+                config.data, config.seed, site.num_partitions, site.partition_id
+            )
 
     @property
     def global_layout(self) -> dict[str, tuple[int, ...]]:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from fedelta import deltas, protocol
 from fedelta.config import RUN_CONFIG_FILE, ConfigError, RunConfig, load_config
+from fedelta.data import label_names
 from fedelta.server.checkpoint import FILENAME as CHECKPOINT_FILE
 from fedelta.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedelta.server.evaluation import CentralEvaluator
@@ -56,7 +57,7 @@ class Federation:
         progress: bool = True,
     ) -> None:
         self.grid = grid
-        self.config = config
+        self.config = _with_label_names(config)
         self.run_dir = run_dir
         self.strategy = strategy or build_strategy(config)
         _check_clients_match(self.strategy, config)
@@ -383,6 +384,20 @@ class Federation:
                 time.sleep(POLL_SECONDS)
         for message_id in pending:
             yield destination[message_id], None
+
+
+def _with_label_names(config: RunConfig) -> RunConfig:
+    """``config`` with ``data.labels`` filled in from the server's corpus, so sites that
+    train on their own files give each label the same class id as the server."""
+    if config.data.labels:
+        return config
+    names = label_names(config.data, config.seed)
+    if any("," in name for name in names):
+        raise ConfigError(
+            f"label names {list(names)} contain ',', which data.labels cannot carry; "
+            "rename the labels in the data file"
+        )
+    return config.replace(**{"data.labels": ",".join(names)})
 
 
 def _check_clients_match(strategy: Strategy, config: RunConfig) -> None:
