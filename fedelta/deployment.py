@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +187,8 @@ def register(connection: str, public_keys: Mapping[str, Path]) -> dict[str, str]
     Returns site name to ``"registered"`` or ``"already registered"``; any other
     refusal raises, naming the site.
     """
-    flwr = shutil.which("flwr")
+    env = flower_environment()
+    flwr = shutil.which("flwr", path=env["PATH"])
     if flwr is None:
         raise DeploymentError("the 'flwr' command is not on PATH; install fedelta's environment")
     outcome = {}
@@ -196,6 +199,7 @@ def register(connection: str, public_keys: Mapping[str, Path]) -> dict[str, str]
             capture_output=True,
             text=True,
             check=False,
+            env=env,
         )
         try:
             reply = json.loads(proc.stdout[proc.stdout.index("{") :])
@@ -224,6 +228,14 @@ def site_public_keys(certs: Path, sites: Sequence[str] = ()) -> dict[str, Path]:
     if missing:
         raise DeploymentError(f"no public key for site(s) {missing} under {root}")
     return {s: found[s] for s in sites} if sites else found
+
+
+def flower_environment() -> dict[str, str]:
+    """This environment with its own ``bin`` first on PATH: Flower's processes start
+    each other by name (``flower-superexec``, ``flwr-clientapp``), and must find the
+    ones installed beside fedelta even when the virtualenv is not activated."""
+    bin_dir = str(Path(sys.executable).parent)
+    return os.environ | {"PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
 
 
 def _require(certs: Path | None, files: Sequence[str], who: str) -> Path:
