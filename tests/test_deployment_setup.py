@@ -206,3 +206,18 @@ def test_readme_deployment_commands_parse():
     assert {"certs", "partition", "superlink", "supernode", "connect", "register"} <= used
     for command in commands:
         _parser().parse_args(command)
+
+
+def test_a_server_without_data_needs_only_the_label_names(tmp_path):
+    from fedelta.config import RunConfig
+    from fedelta.data import DataError
+    from fedelta.server.evaluation import CentralEvaluator
+
+    missing = str(tmp_path / "server-has-no-data.csv")
+    config = RunConfig().replace(
+        **{"data.name": missing, "data.labels": "fresh,rotten", "central-evaluation": False}
+    )
+    evaluator = CentralEvaluator(config)
+    assert evaluator.label_names == ("fresh", "rotten")
+    with pytest.raises(DataError, match="does not exist"):
+        CentralEvaluator(config.replace(**{"central-evaluation": True}))

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from fedelta.config import RunConfig
-from fedelta.data import load_corpus, make_loader
+from fedelta.data import label_names, load_corpus, make_loader
 from fedelta.lora import FOLD_PREFIX, apply_fold
 from fedelta.models import ModelSpec, adapter_layout, cached_model, load_adapter_state
 from fedelta.training import EvalResult, evaluate
@@ -16,12 +16,14 @@ EVAL_BATCH_SIZE = 64
 
 
 class CentralEvaluator:
-    """Holds the server's model and test loader, built once per run."""
+    """Holds the server's model and test loader, built once per run.
+
+    With ``central-evaluation = false`` and ``data.labels`` set, the server needs no
+    data at all (a deployment whose data lives only at the sites)."""
 
     def __init__(self, config: RunConfig) -> None:
-        corpus = load_corpus(config.data, config.seed)
-        self.label_names = corpus.label_names
-        self.spec = ModelSpec.from_config(config, corpus.num_labels)
+        self.label_names = label_names(config.data, config.seed)
+        self.spec = ModelSpec.from_config(config, len(self.label_names))
         built = cached_model(self.spec)
         self.model, self.tokenizer, self.initial_state = (
             built.model,
@@ -29,11 +31,16 @@ class CentralEvaluator:
             built.initial_state,
         )
         self.layout = adapter_layout(self.model)
-        self.loader = make_loader(
-            corpus.test, self.tokenizer, config.model.max_length, EVAL_BATCH_SIZE, False
-        )
+        self.loader = None
+        if config.central_evaluation:
+            test = load_corpus(config.data, config.seed).test
+            self.loader = make_loader(
+                test, self.tokenizer, config.model.max_length, EVAL_BATCH_SIZE, False
+            )
 
     def __call__(self, global_state: Mapping[str, torch.Tensor]) -> EvalResult:
+        if self.loader is None:
+            raise RuntimeError("central evaluation is off (central-evaluation = false)")
         load_global_state(self.model, global_state)
         return evaluate(self.model, self.loader)
 
