@@ -21,6 +21,7 @@ from fedelta.models import ModelNotFoundError
 from fedelta.privacy.certs import CertificateError
 from fedelta.protocol import NodeConfigError
 from fedelta.server.checkpoint import CheckpointError
+from fedelta.server.federation import ShortRoundError
 
 USER_ERRORS = (
     ConfigError,
@@ -31,6 +32,7 @@ USER_ERRORS = (
     NodeConfigError,
     CertificateError,
     deployment.DeploymentError,
+    ShortRoundError,
 )
 """Errors caused by what the user asked for: printed as one line, no traceback."""
 

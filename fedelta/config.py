@@ -151,6 +151,15 @@ class RunConfig:
     min_available_nodes: int = 2
     round_timeout: float = 0.0
     """Seconds to wait for replies in a round; 0 waits for all of them."""
+    min_train_replies: int = 1
+    """Usable updates a round needs to be aggregated; fewer makes it a short round."""
+    short_round: str = "retry"
+    """What a short round does: ``retry`` (sample again, up to ``round-retries``
+    times, then skip), ``skip`` (keep the global model, go on) or ``stop`` (end
+    the run; it can be resumed)."""
+    round_retries: int = 1
+    max_update_norm: float = 0.0
+    """Reject (not clip) an update whose L2 norm exceeds this; 0: no bound."""
     local_epochs: int = 1
     local_steps: int = 25
     """Optimizer steps per round on each client; 0 trains ``local-epochs`` instead."""
@@ -214,6 +223,9 @@ class RunConfig:
             ("min-train-nodes", self.min_train_nodes >= 1, "must be >= 1"),
             ("min-available-nodes", self.min_available_nodes >= 1, "must be >= 1"),
             ("round-timeout", self.round_timeout >= 0.0, "must be >= 0"),
+            ("min-train-replies", self.min_train_replies >= 1, "must be >= 1"),
+            ("round-retries", self.round_retries >= 0, "must be >= 0"),
+            ("max-update-norm", self.max_update_norm >= 0.0, "must be >= 0"),
             ("local-epochs", self.local_epochs >= 1, "must be >= 1"),
             ("local-steps", self.local_steps >= 0, "must be >= 0"),
             ("lr", self.lr > 0.0, "must be > 0"),
@@ -256,6 +268,7 @@ class RunConfig:
         from fedelta.strategies import AGGREGATORS, LORA_AGGREGATIONS, OPTIMIZERS
 
         choices = {
+            "short-round": ("retry", "skip", "stop"),
             "data.partitioner": ("iid", "dirichlet"),
             "strategy.name": tuple(OPTIMIZERS),
             "strategy.lora": tuple(LORA_AGGREGATIONS),
@@ -280,6 +293,12 @@ class RunConfig:
                 "config key 'strategy.rank-projection' = \"svd\" re-factors the global "
                 f"adapter, which strategy.lora = {self.strategy.lora!r} keeps fixed, local or "
                 "empty; use it with naive or fedex"
+            )
+        if self.min_train_replies > self.min_train_nodes:
+            raise ConfigError(
+                "config key 'min-train-replies' must be <= 'min-train-nodes' "
+                f"({self.min_train_replies} > {self.min_train_nodes}): a round could never "
+                "reach it"
             )
         if self.min_available_nodes < self.min_train_nodes:
             raise ConfigError(

@@ -21,10 +21,33 @@ from fedelta.cli import main as cli
             ["--set", "simulation.num-supernodes=20000"],
             "more clients (20000) than training examples",
         ),
+        (["--set", "lr=-0.001"], "config key 'lr' must be > 0 (got -0.001)"),
+        (["--set", "lr=fast"], "config key 'lr' must be of type float, got str"),
+        (["--set", "short-round=maybe"], "'short-round' must be one of retry, skip, stop"),
+        (["--set", "min-train-replies=3"], "'min-train-replies' must be <= 'min-train-nodes'"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message, capsys, tmp_path):
     assert cli(["simulate", "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "is empty"),
+        ("\x00\x01garbage", "could not read data file"),
+        ("text,stars\nfine,1\nawful,0\n", "has no column 'label'"),
+    ],
+)
+def test_empty_unreadable_or_unlabeled_data_file_stops_before_training(
+    content, message, capsys, tmp_path
+):
+    data = tmp_path / "data.csv"
+    data.write_text(content)
+    assert cli(["simulate", "--out", str(tmp_path / "run"), "--set", f"data.name={data}"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

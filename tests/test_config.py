@@ -68,6 +68,10 @@ def test_int_is_accepted_for_float_keys():
         ({"strategy.name": "fedmagic"}, "'strategy.name' must be one of"),
         ({"strategy": "fedavg"}, "'strategy' is a section"),
         ({"lora.target-modules": " , "}, "config key 'lora.target-modules' must name a module"),
+        ({"max-update-norm": -1.0}, "config key 'max-update-norm' must be >= 0"),
+        ({"round-retries": -1}, "config key 'round-retries' must be >= 0"),
+        ({"data.labels": "pos"}, "'data.labels' must list at least 2 distinct label names"),
+        ({"data.labels": "pos,pos"}, "'data.labels' must list at least 2 distinct label names"),
     ],
 )
 def test_bad_config_names_the_key(flat, message):

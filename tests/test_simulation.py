@@ -19,6 +19,7 @@ from fedelta.client import app as client_app
 from fedelta.models import load_base_model
 from fedelta.server.checkpoint import load_checkpoint
 from fedelta.server.export import load_exported
+from fedelta.server.federation import ShortRoundError
 from fedelta.simulations import simulate
 
 pytestmark = pytest.mark.slow
@@ -131,6 +132,64 @@ def test_a_bad_update_is_rejected_and_the_round_goes_on(tiny_config, tmp_path):
     assert result.summary["total-failures"] == 2
     final = load_checkpoint(result.run_dir).global_state
     assert all(torch.isfinite(t).all() for t in final.values())
+
+
+# 30% of the sites crash every round (a different 30% each round).
+flaky_app = ClientApp()
+flaky_app.query()(client_app.describe)
+flaky_app.evaluate()(client_app.evaluate)
+
+
+@flaky_app.train()
+def _train_unless_unlucky(msg, context):
+    _, server_round = protocol.read_config(msg.content)
+    if (int(context.node_config["partition-id"]) + server_round) % 10 < 3:
+        raise RuntimeError("site crashed")
+    return client_app.train(msg, context)
+
+
+def test_a_run_with_30_percent_of_clients_failing_each_round_completes(tiny_config):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    config = tiny_config.replace(
+        **{
+            "num-server-rounds": 2,
+            "fraction-evaluate": 0.0,
+            "simulation.num-supernodes": 10,
+            "simulation.client-cpus": 1.0,
+            "min-train-nodes": 10,
+            "min-available-nodes": 10,
+            "min-train-replies": 5,
+        }
+    )
+    result = simulate(config, client_app=flaky_app, progress=False)
+    for row in result.rows[1:]:
+        failing = {f"client-{p}" for p in range(10) if (p + row["round"]) % 10 < 3}
+        assert set(row["clients-failed"]) == failing
+        assert all("client error" in why for why in row["clients-failed"].values())
+        assert row["clients-sampled"] == 10 and row["clients-replied"] == 7
+    assert result.summary["total-failures"] == 6 and result.summary["rounds-skipped"] == 0
+
+
+def test_a_short_round_is_retried_then_skipped_never_averaged(tiny_config, tmp_path, capsys):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    config = tiny_config.replace(
+        **{"num-server-rounds": 2, "min-train-replies": 2, "fraction-evaluate": 0.0}
+    )
+    result = simulate(config, client_app=faulty_app, progress=False)  # client-1 always fails
+    for row in result.rows[1:]:
+        assert row["round-skipped"] and row["round-attempts"] == 2
+        assert row["clients-replied"] == 1 and row["clients-rejected"] == 1
+    assert result.rows[-1]["test-accuracy"] == result.rows[0]["test-accuracy"]
+    assert result.summary["rounds-skipped"] == 2
+
+    stop = config.replace(**{"short-round": "stop", "output-dir": str(tmp_path / "stop")})
+    with pytest.raises(ShortRoundError, match="round 1: 1 usable update"):
+        simulate(stop, client_app=faulty_app, progress=False)
+    assert load_checkpoint(tmp_path / "stop").server_round == 0  # resumable from round 0
 
 
 def test_exact_aggregation_with_heterogeneous_ranks_exports_the_global_model(tiny_config):

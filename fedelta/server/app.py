@@ -21,21 +21,33 @@ def run_dir_for(config: RunConfig) -> Path:
 
 
 def make_server_app(
-    config: RunConfig, strategy: Strategy | None = None, *, progress: bool = True
+    config: RunConfig,
+    strategy: Strategy | None = None,
+    *,
+    progress: bool = True,
+    errors: list[Exception] | None = None,
 ) -> ServerApp:
-    """A ServerApp bound to ``config`` (and optionally a strategy object) from Python."""
+    """A ServerApp bound to ``config`` (and optionally a strategy object) from Python.
+
+    ``errors`` collects what stopped the run: Flower's simulation logs a ServerApp's
+    exception and returns, so the caller re-raises it from there."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        Federation(
-            grid,
-            config,
-            run_dir_for(config),
-            strategy=strategy,
-            resume=config.resume,
-            progress=progress,
-        ).run()
+        try:
+            Federation(
+                grid,
+                config,
+                run_dir_for(config),
+                strategy=strategy,
+                resume=config.resume,
+                progress=progress,
+            ).run()
+        except Exception as err:
+            if errors is not None:
+                errors.append(err)
+            raise
 
     return server_app
 

@@ -33,14 +33,22 @@ from fedelta.server.export import ADAPTER_DIR, export_adapter
 from fedelta.server.ledger import message_bytes
 from fedelta.server.metrics import MetricsLog, format_table, summarise, write_summary
 from fedelta.server.sampling import sample_sites
+from fedelta.server.validation import read_update
 from fedelta.strategies import EmptyRoundError, Strategy, build_strategy
 
 log = logging.getLogger("fedelta")
 
 RESUMABLE_KEYS = frozenset({"num-server-rounds", "output-dir", "resume"})
 """Keys a resumed run may change; any other change would make it a different run."""
+REJECTED = "rejected update"
+"""How ``clients-failed`` words an update the server's validation refused."""
 POLL_SECONDS = 0.1
 DISCOVERY_TIMEOUT = 120.0
+
+
+class ShortRoundError(EmptyRoundError):
+    """A round got fewer usable updates than ``min-train-replies`` and ``short-round``
+    says to stop; the last checkpoint is intact, so the run can be resumed."""
 
 
 class Federation:
@@ -90,19 +98,13 @@ class Federation:
         for server_round in range(done + 1, self.config.num_server_rounds + 1):
             round_started = time.monotonic()
             self._down = self._up = 0
-            available = self._wait_for_sites()
-            sampled = sample_sites(
-                rng,
-                list(available.values()),
-                self.config.fraction_train,
-                self.config.min_train_nodes,
-            )
-            global_state, train_row = self._train_round(
-                server_round, global_state, layout, available, sampled
+            global_state, train_row = self._train_with_retries(
+                server_round, global_state, layout, rng
             )
             row = {"round": server_round, **self._evaluate_centrally(evaluator, global_state)}
             row |= train_row
             if self.config.fraction_evaluate > 0:
+                available = self._wait_for_sites()
                 row |= self._federated_evaluation(server_round, global_state, available, rng)
             row |= {
                 "bytes-down": self._down,
@@ -244,6 +246,48 @@ class Federation:
             self.sites[node_id] = name
             self.ranks[name] = rank
 
+    def _train_with_retries(
+        self,
+        server_round: int,
+        global_state: dict[str, torch.Tensor],
+        layout: Mapping[str, tuple[int, ...]],
+        rng: np.random.Generator,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Train one round. A short round (fewer usable updates than
+        ``min-train-replies``) is never averaged: it is retried with a new sample,
+        skipped (the global model stays) or stops the run, as ``short-round`` says."""
+        cfg = self.config
+        attempts = cfg.round_retries + 1 if cfg.short_round == "retry" else 1
+        for attempt in range(1, attempts + 1):
+            available = self._wait_for_sites()
+            sampled = sample_sites(
+                rng, list(available.values()), cfg.fraction_train, cfg.min_train_nodes
+            )
+            new_state, row = self._train_round(
+                server_round, global_state, layout, available, sampled
+            )
+            if attempt > 1:
+                row["round-attempts"] = attempt
+            if new_state is not None:
+                return new_state, row
+            log.warning(
+                "round %d: %d usable update(s), %d needed (min-train-replies); attempt %d of %d",
+                server_round,
+                row["clients-replied"],
+                cfg.min_train_replies,
+                attempt,
+                attempts,
+            )
+        if cfg.short_round == "stop":
+            failures = "; ".join(f"{s}: {r}" for s, r in row["clients-failed"].items())
+            raise ShortRoundError(
+                f"round {server_round}: {row['clients-replied']} usable update(s), "
+                f"{cfg.min_train_replies} needed ({failures}); the run stopped after round "
+                f"{server_round - 1} and can be resumed"
+            )
+        log.warning("round %d skipped: the global model is unchanged", server_round)
+        return global_state, row | {"round-skipped": True}
+
     def _train_round(
         self,
         server_round: int,
@@ -251,7 +295,8 @@ class Federation:
         layout: Mapping[str, tuple[int, ...]],
         available: Mapping[int, str],
         sampled: list[str],
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+        """One attempt at a round: the new global state (``None`` if short) and its row."""
         node_of = {site: nid for nid, site in available.items()}
         self.strategy.begin_round(server_round, global_state, [self.ranks[s] for s in sampled])
         records = self._global_records(server_round, global_state)
@@ -269,6 +314,7 @@ class Federation:
         failed: dict[str, str] = {}
         replied: list[str] = []
         loss_sum = examples = 0.0
+        rejected = 0
         for node_id, reply in self._exchange(messages, self._timeout()):
             site = available[node_id]
             if reply is None:
@@ -278,31 +324,33 @@ class Federation:
             else:
                 rank = self.ranks[site]
                 try:
-                    delta, num_examples, loss = _read_update(
-                        reply.content, self.strategy.uplink_layout(layout, rank)
+                    update = read_update(
+                        reply.content,
+                        self.strategy.uplink_layout(layout, rank),
+                        self.config.max_update_norm,
                     )
                 except deltas.InvalidUpdateError as err:
-                    failed[site] = f"rejected update: {err}"
+                    failed[site] = f"{REJECTED}: {err}"
+                    rejected += 1
                 else:
-                    self.strategy.accumulate(delta, num_examples, rank)
+                    self.strategy.accumulate(update.delta, update.num_examples, rank)
                     replied.append(site)
-                    loss_sum += loss * num_examples
-                    examples += num_examples
+                    loss_sum += update.train_loss * update.num_examples
+                    examples += update.num_examples
             if site in failed:
                 log.warning("round %d: %s left out: %s", server_round, site, failed[site])
-        if not replied:
-            raise EmptyRoundError(
-                f"round {server_round}: no client delivered a usable update "
-                f"({'; '.join(f'{s}: {r}' for s, r in failed.items())})"
-            )
-        new_state = self.strategy.finish_round(global_state)
-        return new_state, self.strategy.round_metrics() | {
-            "train-loss": loss_sum / examples,
+        row = {
+            "train-loss": loss_sum / examples if examples else None,
             "clients-sampled": len(sampled),
             "clients-replied": len(replied),
+            "clients-rejected": rejected,
             "sites-sampled": sampled,
             "clients-failed": failed,
         }
+        if len(replied) < self.config.min_train_replies:
+            return None, row
+        new_state = self.strategy.finish_round(global_state)
+        return new_state, self.strategy.round_metrics() | row
 
     def _federated_evaluation(
         self,
@@ -409,26 +457,6 @@ def _check_clients_match(strategy: Strategy, config: RunConfig) -> None:
             f"the strategy aggregates LoRA with {rule!r} but clients follow the config's "
             f"strategy.lora = {config.strategy.lora!r}; set strategy.lora = {rule!r}"
         )
-
-
-def _read_update(
-    content: RecordDict, layout: Mapping[str, tuple[int, ...]]
-) -> tuple[dict[str, torch.Tensor], int, float]:
-    """The delta, example count and train loss of a train reply, validated."""
-    if protocol.DELTA not in content.array_records:
-        raise deltas.InvalidUpdateError(f"reply has no '{protocol.DELTA}' record")
-    metrics = content.metric_records.get(protocol.METRICS)
-    if metrics is None:
-        raise deltas.InvalidUpdateError(f"reply has no '{protocol.METRICS}' record")
-    num_examples = metrics.get(protocol.NUM_EXAMPLES)
-    if not isinstance(num_examples, int) or num_examples <= 0:
-        raise deltas.InvalidUpdateError(
-            f"num-examples must be a positive int, got {num_examples!r}"
-        )
-    loss = metrics.get("train-loss", math.nan)
-    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
-        raise deltas.InvalidUpdateError(f"train-loss must be finite, got {loss!r}")
-    return deltas.decode(content.array_records[protocol.DELTA], layout), num_examples, float(loss)
 
 
 def _postfix(row: Mapping[str, Any]) -> dict[str, str]:

@@ -21,8 +21,18 @@ class MetricsLog:
     def rows(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
             return []
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        lines = [
+            line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise
+                # The last line was being written when the process was killed.
+        return rows
 
     def truncate_after(self, server_round: int) -> None:
         """Drop rows past ``server_round`` (written before a crash, not checkpointed)."""
@@ -48,6 +58,8 @@ def summarise(rows: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]
         "total-bytes-down": sum(r.get("bytes-down", 0) for r in rows),
         "total-bytes-up": sum(r.get("bytes-up", 0) for r in rows),
         "total-failures": sum(len(r.get("clients-failed", {})) for r in rows),
+        "total-rejected": sum(r.get("clients-rejected", 0) for r in rows),
+        "rounds-skipped": sum(bool(r.get("round-skipped")) for r in rows),
         "wall-seconds": round(wall_seconds, 2),
     }
 

@@ -70,14 +70,17 @@ def simulate(
         "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
         "init_args": {"logging_level": "ERROR", "log_to_driver": verbose},
     }
+    errors: list[Exception] = []
     with PeakMemory() as memory:
         run_simulation(
-            server_app=make_server_app(config, strategy, progress=progress),
+            server_app=make_server_app(config, strategy, progress=progress, errors=errors),
             client_app=client_app or fedelta_client_app,
             num_supernodes=config.simulation.num_supernodes,
             backend_config=backend_config,
             verbose_logging=verbose,
         )
+    if errors:
+        raise errors[0]
     summary_path = run_dir / SUMMARY_FILE
     if not summary_path.is_file():
         raise RuntimeError(

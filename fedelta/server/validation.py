@@ -1,0 +1,60 @@
+"""Validation of a client's training reply, before it touches any accumulator.
+
+A site the server does not control can send garbage (a bug, a bad disk) or an
+attack. Every reply is checked here, in full, and either yields a usable
+:class:`Update` or raises :class:`~fedelta.deltas.InvalidUpdateError` with a
+reason the round's metrics record under the site's name. Nothing is unpickled:
+tensors are ``.npy`` bytes read with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from flwr.app import RecordDict
+
+from fedelta import deltas, protocol
+from fedelta.models import TensorDict
+from fedelta.strategies.aggregators.norm_bound import global_norm
+
+TRAIN_LOSS = "train-loss"
+
+
+@dataclass(frozen=True)
+class Update:
+    """A validated training reply."""
+
+    delta: TensorDict
+    num_examples: int
+    train_loss: float
+
+
+def read_update(
+    content: RecordDict, layout: Mapping[str, tuple[int, ...]], max_norm: float = 0.0
+) -> Update:
+    """The delta, example count and train loss of a reply, checked against ``layout``
+    (names, shapes, float dtype, finite values) and, when ``max_norm > 0``, rejected
+    if its L2 norm exceeds it (unlike ``strategy.clip-norm``, which scales it down)."""
+    if protocol.DELTA not in content.array_records:
+        raise deltas.InvalidUpdateError(f"reply has no '{protocol.DELTA}' record")
+    metrics = content.metric_records.get(protocol.METRICS)
+    if metrics is None:
+        raise deltas.InvalidUpdateError(f"reply has no '{protocol.METRICS}' record")
+    num_examples = metrics.get(protocol.NUM_EXAMPLES)
+    if type(num_examples) is not int or num_examples <= 0:  # bool is an int subclass
+        raise deltas.InvalidUpdateError(
+            f"{protocol.NUM_EXAMPLES} must be a positive integer, got {num_examples!r}"
+        )
+    loss = metrics.get(TRAIN_LOSS)
+    if type(loss) not in (int, float) or not math.isfinite(loss):
+        raise deltas.InvalidUpdateError(f"{TRAIN_LOSS} must be a finite number, got {loss!r}")
+    delta = deltas.decode(content.array_records[protocol.DELTA], layout)
+    if max_norm > 0:
+        norm = global_norm(delta)
+        if norm > max_norm:
+            raise deltas.InvalidUpdateError(
+                f"update norm {norm:.4g} exceeds max-update-norm {max_norm:g}"
+            )
+    return Update(delta, num_examples, float(loss))
