@@ -34,6 +34,7 @@ bench: install
 	$(BIN)/python benchmarks/lora_ranks.py
 	$(BIN)/python benchmarks/server_optimizers.py
 	$(BIN)/python benchmarks/lora_rules_skew.py
+	$(BIN)/python benchmarks/byzantine.py
 
 lint: install
 	$(BIN)/python -m pip install --quiet ruff

@@ -53,3 +53,19 @@ def test_missing_and_torn_checkpoints_are_clear_errors(tmp_path):
     (tmp_path / ckpt.FILENAME).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{tor")
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_checkpoint(tmp_path)
+
+
+def test_a_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
+    from fedelta.server.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path)
+    for server_round in range(3):
+        log.append({"round": server_round})
+    with log.path.open("a") as handle:
+        handle.write('{"round": 3, "test-acc')  # the process died mid-write
+    assert [r["round"] for r in log.rows()] == [0, 1, 2]
+    log.truncate_after(1)
+    assert log.path.read_text() == '{"round": 0}\n{"round": 1}\n'
+    log.path.write_text('{"round": 0}\nnot json\n{"round": 2}\n')
+    with pytest.raises(CheckpointError, match="line 2, is not JSON"):
+        log.rows()  # damage before the last line is not a crash artefact: never hidden

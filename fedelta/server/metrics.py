@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fedelta.server.checkpoint import CheckpointError
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
@@ -28,9 +30,12 @@ class MetricsLog:
         for number, line in enumerate(lines, 1):
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
+            except json.JSONDecodeError as err:
                 if number < len(lines):
-                    raise
+                    raise CheckpointError(
+                        f"{self.path}, line {number}, is not JSON ({err.msg}); the run "
+                        "directory was edited or damaged"
+                    ) from err
                 # The last line was being written when the process was killed.
         return rows
 
