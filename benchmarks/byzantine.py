@@ -83,11 +83,7 @@ def corrupt(values: np.ndarray, attack: str, rng: np.random.Generator) -> np.nda
 
 def attacking_app(attack: str) -> ClientApp:
     """fedelta's ClientApp, except that the Byzantine sites corrupt their delta."""
-    app = ClientApp()
-    app.query()(fedelta_client.describe)
-    app.evaluate()(fedelta_client.evaluate)
 
-    @app.train()
     def train(msg, context):
         reply = fedelta_client.train(msg, context)
         partition = int(context.node_config[protocol.PARTITION_ID])
@@ -99,7 +95,7 @@ def attacking_app(attack: str) -> ClientApp:
                 record[name] = Array(corrupt(record[name].numpy(), attack, rng))
         return reply
 
-    return app
+    return fedelta_client.with_train(train)
 
 
 def main() -> None:

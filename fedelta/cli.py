@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -322,11 +321,8 @@ def _exec(command: list[str], dry_run: bool) -> int:
     print(shlex.join(command), flush=True)
     if dry_run:
         return 0
-    env = deployment.flower_environment()
-    binary = shutil.which(command[0], path=env["PATH"])
-    if binary is None:
-        raise deployment.DeploymentError(f"'{command[0]}' not found; is flwr installed here?")
-    os.execvpe(binary, command, env)
+    binary, env = deployment.flower_binary(command[0])
+    os.execve(binary, command, env)
 
 
 def _connect(args: argparse.Namespace) -> int:

@@ -187,10 +187,7 @@ def register(connection: str, public_keys: Mapping[str, Path]) -> dict[str, str]
     Returns site name to ``"registered"`` or ``"already registered"``; any other
     refusal raises, naming the site.
     """
-    env = flower_environment()
-    flwr = shutil.which("flwr", path=env["PATH"])
-    if flwr is None:
-        raise DeploymentError("the 'flwr' command is not on PATH; install fedelta's environment")
+    flwr, env = flower_binary("flwr")
     outcome = {}
     for site, key in public_keys.items():
         proc = subprocess.run(
@@ -230,12 +227,17 @@ def site_public_keys(certs: Path, sites: Sequence[str] = ()) -> dict[str, Path]:
     return {s: found[s] for s in sites} if sites else found
 
 
-def flower_environment() -> dict[str, str]:
-    """This environment with its own ``bin`` first on PATH: Flower's processes start
-    each other by name (``flower-superexec``, ``flwr-clientapp``), and must find the
-    ones installed beside fedelta even when the virtualenv is not activated."""
+def flower_binary(name: str) -> tuple[str, dict[str, str]]:
+    """Flower's ``name`` command and the environment to run it in: this Python's
+    ``bin`` first on PATH, because Flower's processes start each other by name
+    (``flower-superexec``, ``flwr-clientapp``) and must find the ones installed
+    beside fedelta even when the virtualenv is not activated."""
     bin_dir = str(Path(sys.executable).parent)
-    return os.environ | {"PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    env = os.environ | {"PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    path = shutil.which(name, path=env["PATH"])
+    if path is None:
+        raise DeploymentError(f"'{name}' not found; install fedelta's environment (flwr)")
+    return path, env
 
 
 def _require(certs: Path | None, files: Sequence[str], who: str) -> Path:

@@ -35,6 +35,7 @@ LOCAL_ADAPTER = "local-adapter"
 
 ROUND_KEY = "server-round"
 NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
 
 # Node-config keys a SuperNode is started with (Flower's own names in simulation).
 PARTITION_ID = "partition-id"

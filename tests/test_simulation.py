@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array
-from flwr.clientapp import ClientApp
 from peft import PeftModel
 
 from fedelta import protocol
@@ -103,12 +102,6 @@ def test_resume_matches_an_uninterrupted_run(tiny_config, tmp_path):
 
 # A ClientApp that delegates to fedelta's but corrupts one site's delta: real Flower,
 # real training, one bad update. Pickled by value so Ray workers need not import tests/.
-faulty_app = ClientApp()
-faulty_app.query()(client_app.describe)
-faulty_app.evaluate()(client_app.evaluate)
-
-
-@faulty_app.train()
 def _train_then_corrupt_site_1(msg, context):
     reply = client_app.train(msg, context)
     if context.node_config["partition-id"] == 1:
@@ -116,6 +109,9 @@ def _train_then_corrupt_site_1(msg, context):
         name = sorted(record.keys())[0]
         record[name] = Array(np.full(record[name].shape, np.nan, dtype=np.float32))
     return reply
+
+
+faulty_app = client_app.with_train(_train_then_corrupt_site_1)
 
 
 def test_a_bad_update_is_rejected_and_the_round_goes_on(tiny_config, tmp_path):
@@ -135,17 +131,14 @@ def test_a_bad_update_is_rejected_and_the_round_goes_on(tiny_config, tmp_path):
 
 
 # 30% of the sites crash every round (a different 30% each round).
-flaky_app = ClientApp()
-flaky_app.query()(client_app.describe)
-flaky_app.evaluate()(client_app.evaluate)
-
-
-@flaky_app.train()
 def _train_unless_unlucky(msg, context):
     _, server_round = protocol.read_config(msg.content)
     if (int(context.node_config["partition-id"]) + server_round) % 10 < 3:
         raise RuntimeError("site crashed")
     return client_app.train(msg, context)
+
+
+flaky_app = client_app.with_train(_train_unless_unlucky)
 
 
 def test_a_run_with_30_percent_of_clients_failing_each_round_completes(tiny_config):

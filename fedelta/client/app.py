@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -47,7 +49,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {
             protocol.NUM_EXAMPLES: len(trainer.data.train),
-            "train-loss": result.loss,
+            protocol.TRAIN_LOSS: result.loss,
             "train-steps": result.steps,
         }
     )
@@ -70,3 +72,13 @@ def evaluate(msg: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({protocol.METRICS: metrics}), reply_to=msg)
+
+
+def with_train(handler: Callable[[Message, Context], Message]) -> ClientApp:
+    """fedelta's ClientApp with ``handler`` as its train function: robustness
+    experiments wrap :func:`train` to make some sites fail or misbehave."""
+    wrapped = ClientApp()
+    wrapped.query()(describe)
+    wrapped.evaluate()(evaluate)
+    wrapped.train()(handler)
+    return wrapped

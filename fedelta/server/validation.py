@@ -19,8 +19,6 @@ from fedelta import deltas, protocol
 from fedelta.models import TensorDict
 from fedelta.strategies.aggregators.norm_bound import global_norm
 
-TRAIN_LOSS = "train-loss"
-
 
 @dataclass(frozen=True)
 class Update:
@@ -47,9 +45,11 @@ def read_update(
         raise deltas.InvalidUpdateError(
             f"{protocol.NUM_EXAMPLES} must be a positive integer, got {num_examples!r}"
         )
-    loss = metrics.get(TRAIN_LOSS)
+    loss = metrics.get(protocol.TRAIN_LOSS)
     if type(loss) not in (int, float) or not math.isfinite(loss):
-        raise deltas.InvalidUpdateError(f"{TRAIN_LOSS} must be a finite number, got {loss!r}")
+        raise deltas.InvalidUpdateError(
+            f"{protocol.TRAIN_LOSS} must be a finite number, got {loss!r}"
+        )
     delta = deltas.decode(content.array_records[protocol.DELTA], layout)
     if max_norm > 0:
         norm = global_norm(delta)

@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from fedelta.client.app import app as fedelta_client_app
 from fedelta.config import RunConfig
 from fedelta.data import load_client_data, load_corpus
-from fedelta.models import ModelSpec, cached_model
+from fedelta.models import ModelSpec, cached_model, resolve_model_path
 from fedelta.server.app import make_server_app, run_dir_for
 from fedelta.server.metrics import SUMMARY_FILE, MetricsLog, write_summary
 from fedelta.strategies import Strategy
@@ -124,6 +124,7 @@ class PeakMemory:
 
 def preflight(config: RunConfig) -> None:
     """Fail before Ray starts if the model, the data or the partitioning cannot work."""
+    resolve_model_path(config.model.name)  # even when this process has the model cached
     corpus = load_corpus(config.data, config.seed)
     load_client_data(config.data, config.seed, config.simulation.num_supernodes, 0)
     # Also checks that lora.target-modules fit the model; the server reuses this build.
