@@ -291,6 +291,8 @@ def _partition(args: argparse.Namespace) -> int:
 
 
 def _superlink(args: argparse.Namespace) -> int:
+    if args.database and not args.dry_run:
+        Path(args.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     command = deployment.superlink_command(
         args.certs,
         fleet_api_address=args.fleet_api_address,
