@@ -46,7 +46,8 @@ def run(partitioner: str, rule: str) -> list[tuple[float, float]]:
         adapter, fold = strategy.downlink(state)
         for site in sites:
             trainer = ClientTrainer(config, site)
-            delta, _, _ = trainer.fit(trainer.receive(adapter, fold, {}), server_round)
+            out = trainer.fit(trainer.receive(adapter, fold, {}), server_round)
+            delta = trainer.compression.decode(out.upload, trainer.uplink_layout, server_round)
             strategy.accumulate(delta, len(trainer.data.train), trainer.rank)
         state = strategy.finish_round(state)
         result = evaluator(state)

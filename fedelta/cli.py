@@ -210,8 +210,11 @@ def _simulate(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         if args.out:
             config = config.replace(output_dir=str(args.out))
+    from fedelta.server.metrics import format_traffic
+
     result = simulate(config, progress=not args.no_progress, verbose=args.verbose)
     print(json.dumps(result.summary, indent=2))
+    print(format_traffic(result.summary))
     return 0
 
 

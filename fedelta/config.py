@@ -39,6 +39,10 @@ class ModelConfig:
     """A built-in alias, a local Hugging Face model folder, or a hub id."""
     max_length: int = 64
     """Longest tokenised input; longer texts are truncated."""
+    finetuning: str = "lora"
+    """``lora`` trains LoRA adapters on ``lora.target-modules``; ``full`` trains those
+    modules' weights and biases directly (no adapter), e.g. for sparse fine-tuning.
+    The classification head trains in both."""
 
 
 @dataclass
@@ -131,6 +135,45 @@ class StrategyConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """How clients sparsify and quantize the deltas they upload (``[compression]``).
+
+    Sparsity and quantization compose: the kept entries are quantized. The server
+    decodes every reply against what this table says it must look like.
+    """
+
+    sparsity: str = "none"
+    """``none``, ``top-k`` (largest entries of the delta), ``random-mask`` (a mask
+    seeded by the round, shared by all clients: no indices sent), ``spiel``
+    (train a fixed-density index set, prune and regrow) or ``lift`` (train the
+    principal weights of a low-rank approximation)."""
+    density: float = 0.05
+    """Share of each tensor's entries a sparse method keeps."""
+    error_feedback: bool = True
+    """Top-k, random masks and quantization: keep what was not sent and add it to the
+    next round's delta. Training-time masks (spiel, lift) send exactly what they train."""
+    quantization: str = "none"
+    """Values on the wire: ``none`` (fp32), ``fp16``, ``int8`` (one scale per tensor)
+    or ``int8-block`` (one scale per ``block-size`` values)."""
+    block_size: int = 256
+    stochastic_rounding: bool = False
+    """int8: round up or down at random in proportion (unbiased) instead of to nearest."""
+    weighting: str = "all"
+    """Sparse averaging per coordinate: over ``all`` clients of the round (a client
+    that did not send a coordinate counts as zero: the mean of the densified deltas)
+    or over the ``senders`` of that coordinate only."""
+    half_finetuning: bool = False
+    """Half Fine-Tuning: each round the server's seeded draw trains half of the
+    modules and freezes the rest; clients upload only the trained half."""
+    regrow_interval: int = 10
+    """spiel: local steps between prune-and-regrow updates of the index set (0: never)."""
+    regrow_fraction: float = 0.2
+    """spiel: share of the index set replaced at each update."""
+    lift_rank: int = 16
+    """lift: rank of the approximation whose largest entries are trained."""
+
+
+@dataclass
 class SimulationConfig:
     """Settings for ``fedelta simulate`` only (``[simulation]``)."""
 
@@ -177,6 +220,7 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     # -- conversions -------------------------------------------------------------
@@ -259,12 +303,26 @@ class RunConfig:
                 0.0 <= self.data.validation_fraction < 1.0,
                 "must be in [0, 1)",
             ),
+            ("compression.density", 0.0 < self.compression.density <= 1.0, "must be in (0, 1]"),
+            ("compression.block-size", self.compression.block_size >= 1, "must be >= 1"),
+            (
+                "compression.regrow-interval",
+                self.compression.regrow_interval >= 0,
+                "must be >= 0",
+            ),
+            (
+                "compression.regrow-fraction",
+                0.0 <= self.compression.regrow_fraction < 1.0,
+                "must be in [0, 1)",
+            ),
+            ("compression.lift-rank", self.compression.lift_rank >= 1, "must be >= 1"),
             ("simulation.num-supernodes", self.simulation.num_supernodes >= 1, "must be >= 1"),
             ("simulation.client-cpus", self.simulation.client_cpus > 0.0, "must be > 0"),
         ]
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}' {why} (got {self._get(key)!r})")
+        from fedelta.compression import CODECS, SPARSITY
         from fedelta.strategies import AGGREGATORS, LORA_AGGREGATIONS, OPTIMIZERS
 
         choices = {
@@ -274,6 +332,10 @@ class RunConfig:
             "strategy.lora": tuple(LORA_AGGREGATIONS),
             "strategy.robust": tuple(AGGREGATORS),
             "strategy.rank-projection": ("truncate", "svd"),
+            "model.finetuning": ("lora", "full"),
+            "compression.sparsity": SPARSITY,
+            "compression.quantization": CODECS,
+            "compression.weighting": ("all", "senders"),
         }
         for key, allowed in choices.items():
             if self._get(key) not in allowed:
@@ -294,6 +356,7 @@ class RunConfig:
                 f"adapter, which strategy.lora = {self.strategy.lora!r} keeps fixed, local or "
                 "empty; use it with naive or fedex"
             )
+        self._validate_compression()
         if self.min_train_replies > self.min_train_nodes:
             raise ConfigError(
                 "config key 'min-train-replies' must be <= 'min-train-nodes' "
@@ -305,6 +368,40 @@ class RunConfig:
                 "config key 'min-available-nodes' must be >= 'min-train-nodes' "
                 f"({self.min_available_nodes} < {self.min_train_nodes})"
             )
+
+    def _validate_compression(self) -> None:
+        """Combinations whose uploads the server could not aggregate as asked."""
+        c, lora = self.compression, self.strategy.lora
+        factor_rules = ("naive", "ffa", "fedsa")
+        if self.model.finetuning == "full" and lora != "naive":
+            raise ConfigError(
+                f"config key 'strategy.lora' = {lora!r} aggregates LoRA factors, but "
+                'model.finetuning = "full" trains no adapter; use strategy.lora = "naive"'
+            )
+        if self.model.finetuning == "full" and self.lora.client_ranks.strip():
+            raise ConfigError("config key 'lora.client-ranks' needs model.finetuning = \"lora\"")
+        if c.half_finetuning and lora not in factor_rules:
+            raise ConfigError(
+                "config key 'compression.half-finetuning' freezes whole LoRA modules, which "
+                f"strategy.lora = {lora!r} folds into the base weights; use naive, ffa or fedsa"
+            )
+        if c.weighting == "senders":
+            if c.sparsity == "none":
+                raise ConfigError(
+                    "config key 'compression.weighting' = \"senders\" averages sparse "
+                    "coordinates; set compression.sparsity"
+                )
+            if lora not in factor_rules or self.strategy.robust != "mean":
+                raise ConfigError(
+                    "config key 'compression.weighting' = \"senders\" needs the mean over "
+                    "LoRA factors (strategy.lora naive, ffa or fedsa; strategy.robust mean), "
+                    f"not {lora!r} with {self.strategy.robust!r}"
+                )
+            if self.lora.client_ranks.strip():
+                raise ConfigError(
+                    "config key 'compression.weighting' = \"senders\" cannot tell a lower-rank "
+                    "client's padding from a sent zero; leave lora.client-ranks empty"
+                )
 
     def _validate_ranks(self) -> None:
         try:

@@ -1,11 +1,11 @@
-"""Dense parameter deltas and their wire form (Flower ``ArrayRecord``).
+"""Dense tensors in an ``ArrayRecord``: the global state sent to clients, and what
+a site keeps in its node state.
 
-A client replies with ``trained - received`` for every trainable tensor. On the
-wire each tensor is an ``Array`` (numpy ``.npy`` bytes, never pickled); floating
+Each tensor is an ``Array`` (numpy ``.npy`` bytes, never pickled); floating
 tensors that Flower cannot carry (bf16) are widened to fp32 first. Decoding
-checks every tensor against the layout the server expects before anything is
-aggregated, so a malformed reply is rejected with a reason instead of corrupting
-the global state.
+checks every tensor against the expected layout, so a malformed record is
+rejected with a reason. Client uploads are packed differently (sparse, quantized):
+see :mod:`fedelta.compression.wire`.
 """
 
 from __future__ import annotations
@@ -70,13 +70,3 @@ def decode(record: ArrayRecord, layout: Layout | None = None) -> TensorDict:
 
 def layout_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in tensors.items()}
-
-
-def subtract(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> TensorDict:
-    """``a - b`` per tensor (the delta a client learned from ``b``)."""
-    return {name: a[name] - b[name] for name in a}
-
-
-def add(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> TensorDict:
-    """``a + b`` per tensor (a delta applied to a state)."""
-    return {name: a[name] + b[name] for name in a}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
@@ -24,6 +24,9 @@ from fedelta.config import RunConfig
 from fedelta.lora import is_factor, lora_layers, seeded_lora_A
 
 TensorDict = dict[str, torch.Tensor]
+
+HEAD_MODULES = ("classifier", "score")
+"""Top-level names of classification heads (peft's ``modules_to_save`` for SEQ_CLS)."""
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -47,6 +50,8 @@ class ModelSpec:
     use_rslora: bool = False
     freeze_lora_a: bool = False
     """Keep A at its seeded initialisation (FFA-LoRA)."""
+    finetuning: str = "lora"
+    """``lora``: adapters on ``target_modules``; ``full``: those modules' own weights."""
 
     @classmethod
     def from_config(cls, config: RunConfig, num_labels: int, rank: int | None = None) -> ModelSpec:
@@ -65,6 +70,7 @@ class ModelSpec:
             global_rank=config.lora.r,
             use_rslora=config.lora.use_rslora,
             freeze_lora_a=LORA_AGGREGATIONS[config.strategy.lora].freezes_a,
+            finetuning=config.model.finetuning,
         )
 
 
@@ -101,10 +107,14 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve_model_path(name))
 
 
-def build_peft_model(spec: ModelSpec) -> PeftModel:
-    """Base model plus LoRA adapters; seeded so every process starts from the same init."""
+def build_model(spec: ModelSpec) -> torch.nn.Module:
+    """The model ``spec`` describes: base plus LoRA adapters, or (full fine-tuning) the
+    base with only the target modules and the head trainable. Seeded, so every
+    process starts from the same initialisation."""
     torch.manual_seed(spec.seed)
     base = load_base_model(spec.name, spec.num_labels)
+    if spec.finetuning == "full":
+        return _full_finetuning(base, spec)
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=spec.lora_r,
@@ -123,6 +133,24 @@ def build_peft_model(spec: ModelSpec) -> PeftModel:
     return model
 
 
+def _full_finetuning(model: torch.nn.Module, spec: ModelSpec) -> torch.nn.Module:
+    """Freeze everything but the target modules' weights and biases and the head."""
+    targets = spec.target_modules
+    matched = False
+    for module_name, module in model.named_modules():
+        top = module_name.split(".")[0]
+        is_target = any(module_name == t or module_name.endswith("." + t) for t in targets)
+        trainable = (is_target and isinstance(module, torch.nn.Linear)) or top in HEAD_MODULES
+        matched |= is_target and isinstance(module, torch.nn.Linear)
+        for param in module.parameters(recurse=False):
+            param.requires_grad_(trainable)
+    if not matched:
+        raise ValueError(
+            f"lora.target-modules {list(targets)} name no linear module of '{spec.name}'"
+        )
+    return model
+
+
 def seed_lora_a(model: torch.nn.Module, seed: int, global_rank: int, freeze: bool) -> None:
     """Draw every A from fedelta's per-module seed at the global rank (a prefix of it
     at lower ranks), so clients of any rank and the server agree on A."""
@@ -138,7 +166,8 @@ def seed_lora_a(model: torch.nn.Module, seed: int, global_rank: int, freeze: boo
 class BuiltModel:
     """A process-wide model, its tokenizer, and its trainable state as first built."""
 
-    model: PeftModel
+    model: torch.nn.Module
+    """A ``PeftModel`` (LoRA) or the plain Transformers model (full fine-tuning)."""
     tokenizer: PreTrainedTokenizerBase
     initial_state: TensorDict
     """Seeded, so identical in every process; a run starts from it, never from
@@ -148,7 +177,7 @@ class BuiltModel:
 @functools.lru_cache(maxsize=6)
 def cached_model(spec: ModelSpec) -> BuiltModel:
     """The process-wide model for ``spec``, built on first use."""
-    model = build_peft_model(spec)
+    model = build_model(spec)
     return BuiltModel(model, load_tokenizer(spec.name), adapter_state(model))
 
 

@@ -19,7 +19,8 @@ from fedelta.config import RunConfig
 GLOBAL = "global"
 """ArrayRecord: the global trainable state (server to client)."""
 DELTA = "delta"
-"""ArrayRecord: trained minus received trainable state (client to server)."""
+"""ArrayRecord: trained minus received trainable state, packed (sparse, quantized) as
+:mod:`fedelta.compression.wire` describes (client to server)."""
 CONFIG = "config"
 """ConfigRecord: the run config plus the round number (server to client)."""
 STRATEGY = "strategy"

@@ -10,6 +10,7 @@ import math
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -28,6 +29,16 @@ class EvalResult:
     loss: float
     accuracy: float
     examples: int
+
+
+class StepHook(Protocol):
+    """Called around each optimizer step (sparse training masks implement it)."""
+
+    def before_step(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """After backward, before the optimizer step."""
+
+    def after_step(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """After the optimizer step."""
 
 
 def seed_everything(seed: int) -> None:
@@ -54,6 +65,7 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     proximal_mu: float = 0.0,
     anchor: Mapping[str, torch.Tensor] | None = None,
+    hook: StepHook | None = None,
 ) -> TrainResult:
     """One AdamW step per batch on the trainable parameters.
 
@@ -61,6 +73,7 @@ def train(
     a centralised run passes its own to keep the moments across calls. With
     ``proximal_mu > 0`` (FedProx) the loss gains ``mu/2 * ||w - anchor||^2`` over
     the trainable parameters named in ``anchor``; the reported loss excludes it.
+    ``hook`` sees the parameters around every step (a sparse-training mask).
     """
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if optimizer is None:
@@ -81,7 +94,11 @@ def train(
         if pulled:
             loss = loss + proximal_mu / 2 * sum((p - a).pow(2).sum() for p, a in pulled)
         loss.backward()
+        if hook is not None:
+            hook.before_step(named)
         optimizer.step()
+        if hook is not None:
+            hook.after_step(named)
         total_loss += value
         steps += 1
     if steps == 0:

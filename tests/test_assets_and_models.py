@@ -63,7 +63,7 @@ def test_loading_a_state_checks_names_and_shapes():
 
 def test_builds_are_seeded_and_identical_across_processes():
     # The same spec gives the same initial adapter; a run never inherits a trained state.
-    from fedelta.models import build_peft_model
+    from fedelta.models import build_model
 
-    a = adapter_state(build_peft_model(SPEC))
+    a = adapter_state(build_model(SPEC))
     assert all(torch.equal(a[k], cached_model(SPEC).initial_state[k]) for k in a)

@@ -32,13 +32,6 @@ def test_bf16_and_fp16_travel_and_come_back_as_fp32():
     assert torch.equal(decoded["b"], state["b"].float())
 
 
-def test_delta_arithmetic():
-    a, b = _state(), {k: torch.full_like(v, 0.25) for k, v in _state().items()}
-    delta = deltas.subtract(a, b)
-    assert all(torch.equal(delta[k], a[k] - 0.25) for k in a)
-    assert all(torch.allclose(deltas.add(delta, b)[k], a[k]) for k in a)
-
-
 @pytest.mark.parametrize(
     ("mutate", "reason"),
     [

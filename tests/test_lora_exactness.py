@@ -25,7 +25,7 @@ from transformers import (
 
 from fedelta.client.view import load_client_view
 from fedelta.lora import FOLD_PREFIX, RankScaling, adapted_modules, effective_update
-from fedelta.models import ModelSpec, adapter_state, build_peft_model, load_adapter_state
+from fedelta.models import ModelSpec, adapter_state, build_model, load_adapter_state
 from fedelta.server.evaluation import load_global_state
 from fedelta.strategies import LORA_AGGREGATIONS, Capabilities, DeltaStrategy
 
@@ -75,7 +75,7 @@ def _model(path: str, arch: str, rank: int, alpha: int, rslora: bool, rule: str)
         use_rslora=rslora,
         freeze_lora_a=LORA_AGGREGATIONS[rule].freezes_a,
     )
-    model = build_peft_model(spec)
+    model = build_model(spec)
     return model, adapter_state(model)
 
 

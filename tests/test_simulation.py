@@ -209,3 +209,29 @@ def test_exact_aggregation_with_heterogeneous_ranks_exports_the_global_model(tin
     assert (result.adapter_dir / "base_corrections.safetensors").is_file()
     accuracy = evaluate(exported, CentralEvaluator(config).loader).accuracy
     assert accuracy == last["test-accuracy"]
+
+
+def test_compressed_uploads_are_decoded_and_counted_per_site(tiny_config, capsys):
+    config = tiny_config.replace(
+        **{
+            "num-server-rounds": 2,
+            "fraction-evaluate": 0.0,
+            "compression.sparsity": "top-k",
+            "compression.quantization": "int8",
+        }
+    )
+    result = simulate(config, progress=False)
+    for row in result.rows[1:]:
+        assert row["clients-replied"] == 2 and row["clients-failed"] == {}
+        assert set(row["bytes-up-by-site"]) == {"client-0", "client-1"}
+        assert sum(row["bytes-up-by-site"].values()) == row["bytes-up"]
+        assert sum(row["bytes-down-by-site"].values()) == row["bytes-down"]
+        # 5% of ~339k values as int8 + uint16 indices: ~51 kB of ~1.36 MB dense.
+        assert row["bytes-up"] < 2 * 70e3
+    summary = result.summary
+    assert summary["uplink-reduction"] > 19
+    assert summary["bytes-up-by-site"]["client-0"] == sum(
+        r["bytes-up-by-site"]["client-0"] for r in result.rows[1:]
+    )
+    final = load_checkpoint(result.run_dir).global_state
+    assert all(torch.isfinite(t).all() for t in final.values())

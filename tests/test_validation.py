@@ -14,10 +14,37 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedelta import protocol
+from fedelta.compression import ClientMemory, SparseTensor, UplinkCompression, densify
+from fedelta.config import CompressionConfig
 from fedelta.deltas import InvalidUpdateError
 from fedelta.server.validation import read_update
 
 LAYOUT = {"encoder.lora_A": (2, 3), "encoder.lora_B": (3, 2), "head.bias": (4,)}
+COMPRESSIONS = [
+    {},
+    {"quantization": "fp16"},
+    {"quantization": "int8-block", "block_size": 4},
+    {"sparsity": "top-k", "density": 0.5},
+    {"sparsity": "top-k", "density": 0.3, "quantization": "int8"},
+    {"sparsity": "random-mask", "density": 0.5, "quantization": "int8"},
+    {"sparsity": "spiel", "density": 0.5},
+]
+MUTATIONS = [
+    "good",
+    "non-finite",
+    "length",
+    "dtype",
+    "2-d",
+    "garbage",
+    "truncated",
+    "stype",
+    "object",
+    "missing",
+    "extra",
+    "index-range",
+    "index-order",
+    "scales",
+]
 
 
 def _npy(values: np.ndarray) -> bytes:
@@ -26,70 +53,101 @@ def _npy(values: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _uplink(settings: dict) -> UplinkCompression:
+    return UplinkCompression(CompressionConfig(**settings), seed=3)
+
+
 @st.composite
-def tensors(draw: st.DrawFn, shape: tuple[int, ...]) -> tuple[Array, bool]:
-    """An Array for a tensor of ``shape`` and whether the server should accept it."""
-    kind = draw(
-        st.sampled_from(
-            ["good", "non-finite", "shape", "dtype", "garbage", "truncated", "stype", "object"]
+def delta_records(draw: st.DrawFn) -> tuple[ArrayRecord, UplinkCompression, bool]:
+    """A delta encoded as a real client would, then possibly damaged in one way."""
+    comp = _uplink(draw(st.sampled_from(COMPRESSIONS)))
+    values = {
+        k: torch.from_numpy(
+            draw(hnp.arrays(np.float32, shape, elements=st.floats(-1e3, 1e3, width=16)))
         )
-    )
-    good = draw(
-        hnp.arrays(
-            draw(st.sampled_from([np.float16, np.float32, np.float64])),
-            shape,
-            elements=st.floats(-1e3, 1e3, width=16),
-        )
-    )
-    if kind == "good":
-        return Array(good), True
-    if kind == "non-finite":
+        for k, shape in LAYOUT.items()
+    }
+    start = {k: torch.zeros(s) for k, s in LAYOUT.items()}
+    mask = comp.training_mask(start, ClientMemory(), 1, client_seed=draw(st.integers(0, 9)))
+    if mask is not None:  # a masked client's delta is zero off its mask
+        values = {k: SparseTensor.gather(v, mask.indices[k]).dense() for k, v in values.items()}
+    record = comp.compress(values, ClientMemory(), 1, client_seed=0, mask=mask)
+    kind = draw(st.sampled_from(MUTATIONS))
+    key = draw(st.sampled_from(sorted(record.keys())))
+    good = record[key].numpy()
+    if kind == "non-finite" and good.dtype.kind == "f":
         bad = good.astype(np.float32)
         bad.flat[draw(st.integers(0, bad.size - 1))] = draw(st.sampled_from([np.nan, np.inf]))
-        return Array(bad), False
-    if kind == "shape":
-        other = draw(
-            hnp.array_shapes(min_dims=0, max_dims=3, max_side=5).filter(lambda s: s != shape)
+        record[key] = Array(bad)
+    elif kind == "length":
+        cut = draw(st.integers(0, good.size - 1))
+        record[key] = Array(
+            np.concatenate([good[:cut], good[cut + 1 :]])
+            if draw(st.booleans())
+            else np.concatenate([good, good[:1]])
         )
-        return Array(np.zeros(other, np.float32)), False
-    if kind == "dtype":
-        dtype = draw(st.sampled_from([np.int64, np.int8, np.bool_, np.complex64, np.uint16]))
-        return Array(np.zeros(shape, dtype)), False
-    if kind == "garbage":
+    elif kind == "dtype":
+        other = draw(
+            st.sampled_from([np.int64, np.int8, np.uint32, np.bool_, np.float16, np.float32])
+        )
+        if (
+            np.dtype(other) == good.dtype
+            or (good.dtype.kind == "f" and np.dtype(other).kind == "f")
+            or (good.dtype.kind == "u" and other is np.int64)
+        ):
+            return record, comp, True
+        record[key] = Array(good.astype(other))
+    elif kind == "2-d":
+        record[key] = Array(good.reshape(1, -1))
+    elif kind == "garbage":
         data = draw(st.binary(max_size=200))
-        return Array("float32", tuple(shape), "numpy.ndarray", data), False
-    if kind == "truncated":
+        record[key] = Array(str(good.dtype), tuple(good.shape), "numpy.ndarray", data)
+    elif kind == "truncated":
         data = _npy(good)
-        return Array(
-            "float32", tuple(shape), "numpy.ndarray", data[: draw(st.integers(0, len(data) - 1))]
-        ), False
-    if kind == "stype":
-        return Array("float32", tuple(shape), draw(st.text(max_size=12)), _npy(good)), False
-    # A pickled object array: must be refused, never unpickled.
-    data = io.BytesIO()
-    np.save(data, np.array([{"x": 1}, None], dtype=object), allow_pickle=True)
-    return Array("object", (2,), "numpy.ndarray", data.getvalue()), False
+        cut = data[: draw(st.integers(0, len(data) - 1))]
+        record[key] = Array(str(good.dtype), tuple(good.shape), "numpy.ndarray", cut)
+    elif kind == "stype":
+        text = draw(st.text(max_size=12).filter(lambda t: t != "numpy.ndarray"))
+        record[key] = Array(str(good.dtype), tuple(good.shape), text, _npy(good))
+    elif kind == "object":  # a pickled object array: refused, never unpickled
+        data = io.BytesIO()
+        np.save(data, np.array([{"x": 1}, None], dtype=object), allow_pickle=True)
+        record[key] = Array("object", (2,), "numpy.ndarray", data.getvalue())
+    elif kind == "missing":
+        del record[key]
+    elif kind == "extra":
+        record[draw(st.sampled_from(["extra", "values@scales", "encoder.lora_A"]))] = Array(
+            np.zeros(2, np.float32)
+        )
+    elif kind in ("index-range", "index-order") and "indices" in record.keys():
+        original = record["indices"].numpy()
+        idx = original.astype(np.int64)
+        at = draw(st.integers(0, len(idx) - 1))
+        if kind == "index-range":
+            idx[at] = 10**6
+        else:  # a duplicate or a swap breaks the strict order
+            idx[at] = idx[at - 1] if at else idx[min(1, len(idx) - 1)]
+        record["indices"] = Array(idx.astype(original.dtype))
+    elif kind == "scales" and "scales" in record.keys():
+        scales = record["scales"].numpy().copy()
+        scales[draw(st.integers(0, len(scales) - 1))] = draw(st.sampled_from([-1.0, np.nan]))
+        record["scales"] = Array(scales)
+    else:
+        return record, comp, True
+    return record, comp, False
 
 
 @st.composite
-def replies(draw: st.DrawFn) -> tuple[RecordDict, bool]:
+def replies(draw: st.DrawFn) -> tuple[RecordDict, UplinkCompression, bool]:
     """A training reply, malformed in any number of ways, and whether it is valid."""
     valid = True
     content = RecordDict()
+    comp = _uplink({})
     delta_form = draw(st.sampled_from(["record", "record", "record", "absent", "config"]))
     if delta_form == "record":
-        record = ArrayRecord()
-        names = [n for n in LAYOUT if draw(st.booleans()) or draw(st.booleans())]
-        valid &= len(names) == len(LAYOUT)
-        for name in names:
-            array, ok = draw(tensors(LAYOUT[name]))
-            record[name] = array
-            valid &= ok
-        for extra in draw(st.lists(st.text(min_size=1, max_size=8), max_size=2, unique=True)):
-            if extra not in LAYOUT:
-                record[extra] = Array(np.zeros(2, np.float32))
-                valid = False
+        record, comp, ok = draw(delta_records())
         content[protocol.DELTA] = record
+        valid &= ok
     else:
         valid = False
         if delta_form == "config":
@@ -109,26 +167,29 @@ def replies(draw: st.DrawFn) -> tuple[RecordDict, bool]:
         content[protocol.METRICS] = metrics
     else:
         valid = False
-    return content, valid
+    return content, comp, valid
 
 
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(replies())
 def test_every_malformed_reply_is_rejected_with_a_reason_and_valid_ones_pass(reply):
-    content, valid = reply
+    content, comp, valid = reply
     if not valid:
         with pytest.raises(InvalidUpdateError) as caught:
-            read_update(content, LAYOUT)
+            read_update(content, LAYOUT, comp, 1)
         assert str(caught.value)
         return
-    update = read_update(content, LAYOUT)
-    assert {k: tuple(v.shape) for k, v in update.delta.items()} == LAYOUT
-    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in update.delta.values())
+    update = read_update(content, LAYOUT, comp, 1)
+    dense = densify(update.delta)
+    assert {k: tuple(v.shape) for k, v in dense.items()} == LAYOUT
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in dense.values())
     assert update.num_examples > 0 and math.isfinite(update.train_loss)
 
 
 def _reply(delta: dict[str, np.ndarray], examples: object = 10, loss: object = 0.5) -> RecordDict:
-    record = ArrayRecord({k: Array(v) for k, v in delta.items()})
+    record = _uplink({}).compress(
+        {k: torch.from_numpy(v) for k, v in delta.items()}, ClientMemory(), 1, client_seed=0
+    )
     return RecordDict(
         {
             protocol.DELTA: record,
@@ -148,20 +209,21 @@ def _ones(scale: float = 1.0) -> dict[str, np.ndarray]:
         (_reply(_ones(), examples=0), "num-examples must be a positive integer"),
         (_reply(_ones(), examples=2.5), "num-examples must be a positive integer"),
         (_reply(_ones(), loss=math.inf), "train-loss must be a finite number"),
-        (_reply({**_ones(), "head.bias": np.ones(5, np.float32)}), "has shape (5,), expected (4,)"),
         (
-            _reply({k: v for k, v in _ones().items() if k != "head.bias"}),
-            "missing tensors: head.bias",
+            _reply({**_ones(), "head.bias": np.ones(5, np.float32)}),
+            "'values' holds 17 entries, expected 16",
         ),
+        (_reply({k: v for k, v in _ones().items() if k != "head.bias"}), "holds 12 entries"),
     ],
 )
 def test_rejections_name_the_problem(content, message):
     with pytest.raises(InvalidUpdateError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        read_update(content, LAYOUT)
+        read_update(content, LAYOUT, _uplink({}), 1)
 
 
 def test_optional_norm_bound_rejects_instead_of_scaling():
     # ||ones|| over 6 + 6 + 4 entries = 4.0
-    assert read_update(_reply(_ones()), LAYOUT, max_norm=4.0).num_examples == 10
+    comp = _uplink({})
+    assert read_update(_reply(_ones()), LAYOUT, comp, 1, max_norm=4.0).num_examples == 10
     with pytest.raises(InvalidUpdateError, match="update norm 40 exceeds max-update-norm 4"):
-        read_update(_reply(_ones(10.0)), LAYOUT, max_norm=4.0)
+        read_update(_reply(_ones(10.0)), LAYOUT, comp, 1, max_norm=4.0)

@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 
 from fedelta import deltas, protocol
 from fedelta.client.trainer import ClientTrainer
+from fedelta.compression import ClientMemory
 from fedelta.models import TensorDict
 from fedelta.protocol import Site
 from fedelta.strategies.optimizers import PROXIMAL_MU
@@ -43,19 +44,20 @@ def train(msg: Message, context: Context) -> Message:
     trainer, start, server_round = _receive(msg, context)
     strategy = msg.content.config_records.get(protocol.STRATEGY)
     mu = float(strategy.get(PROXIMAL_MU, 0.0)) if strategy is not None else 0.0
-    delta, kept, result = trainer.fit(start, server_round, proximal_mu=mu)
-    if kept:
-        context.state[protocol.LOCAL_ADAPTER] = deltas.encode(kept)
+    memory = ClientMemory.load(context.state)
+    out = trainer.fit(start, server_round, proximal_mu=mu, memory=memory)
+    memory.save(context.state)
+    if out.kept:
+        context.state[protocol.LOCAL_ADAPTER] = deltas.encode(out.kept)
     metrics = MetricRecord(
         {
             protocol.NUM_EXAMPLES: len(trainer.data.train),
-            protocol.TRAIN_LOSS: result.loss,
-            "train-steps": result.steps,
+            protocol.TRAIN_LOSS: out.result.loss,
+            "train-steps": out.result.steps,
         }
     )
     return Message(
-        RecordDict({protocol.DELTA: deltas.encode(delta), protocol.METRICS: metrics}),
-        reply_to=msg,
+        RecordDict({protocol.DELTA: out.upload, protocol.METRICS: metrics}), reply_to=msg
     )
 
 

@@ -13,11 +13,16 @@ seed instead of sent, and FedSA-LoRA's B comes from the site's own state.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import zlib
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
+from flwr.app import ArrayRecord
 
 from fedelta.client.view import load_client_view
+from fedelta.compression import ClientMemory, UplinkCompression
 from fedelta.config import RunConfig
 from fedelta.data import (
     ClientData,
@@ -48,6 +53,17 @@ from fedelta.training import (
 )
 
 
+@dataclass(frozen=True)
+class FitOutput:
+    """What one round of local training produced."""
+
+    upload: ArrayRecord
+    """The delta in wire form (sparse and quantized as ``[compression]`` says)."""
+    kept: TensorDict
+    """Tensors the site keeps to itself (FedSA-LoRA's B)."""
+    result: TrainResult
+
+
 class ClientTrainer:
     """Local training and evaluation for one site under one run config."""
 
@@ -56,6 +72,7 @@ class ClientTrainer:
         self.site = site
         self.rank = site.rank(config)
         self.rule = build_lora_aggregation(config)
+        self.compression = UplinkCompression(config.compression, config.seed)
         num_labels = len(label_names(config.data, config.seed))
         built = cached_model(ModelSpec.from_config(config, num_labels, self.rank))
         self.model, self.tokenizer = built.model, built.tokenizer
@@ -73,6 +90,12 @@ class ClientTrainer:
         """Names and shapes of the adapter tensors the server sends (global rank)."""
         sent = {k: v for k, v in adapter_layout(self.model).items() if self.rule.exchanged(k)}
         return dict(rank_layout(sent, self.rule.scaling.global_rank))
+
+    @property
+    def uplink_layout(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the tensors this client's delta covers (its own rank)."""
+        sent = {k: v for k, v in adapter_layout(self.model).items() if self.rule.exchanged(k)}
+        return dict(rank_layout(sent, self.rank))
 
     def receive(
         self,
@@ -97,31 +120,39 @@ class ClientTrainer:
         start: TensorDict,
         server_round: int,
         proximal_mu: float = 0.0,
-    ) -> tuple[TensorDict, TensorDict, TrainResult]:
-        """Train from ``start`` (loaded by :meth:`receive`).
-
-        Returns the delta of the tensors this client sends, the tensors it keeps,
-        and what training saw.
-        """
+        memory: ClientMemory | None = None,
+    ) -> FitOutput:
+        """Train from ``start`` (loaded by :meth:`receive`) and encode the delta of the
+        tensors this client sends; ``memory`` (error feedback, SpIEL indices) is updated."""
         cfg = self.config
+        memory = memory if memory is not None else ClientMemory()
         seed = derive_seed(cfg.seed, server_round, self.site.partition_id)
         seed_everything(seed)
         loader = make_loader(
             self.data.train, self.tokenizer, cfg.model.max_length, cfg.batch_size, True, seed
         )
         steps = steps_for(len(self.data.train), cfg.batch_size, cfg.local_epochs, cfg.local_steps)
-        result = train(
-            self.model,
-            cycle(loader, steps),
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            proximal_mu=proximal_mu,
-            anchor=start,
+        exchanged = {k for k in start if self.rule.exchanged(k)}
+        sent = sorted(self.compression.uplink_names(exchanged, server_round))
+        site_seed = derive_seed(seed, zlib.crc32(self.site.name.encode()))
+        mask = self.compression.training_mask(
+            {k: start[k] for k in sent}, memory, server_round, site_seed
         )
+        with _frozen(self.model, exchanged - set(sent)):
+            result = train(
+                self.model,
+                cycle(loader, steps),
+                lr=cfg.lr,
+                weight_decay=cfg.weight_decay,
+                proximal_mu=proximal_mu,
+                anchor=start,
+                hook=mask,
+            )
         trained = adapter_state(self.model)
-        sent = {k: trained[k] - start[k] for k in start if self.rule.exchanged(k)}
+        delta = {k: trained[k] - start[k] for k in sent}
         kept = {k: trained[k] for k in start if self.rule.local_b and k.endswith(B_SUFFIX)}
-        return sent, kept, result
+        upload = self.compression.compress(delta, memory, server_round, site_seed, mask)
+        return FitOutput(upload, kept, result)
 
     def evaluate(self) -> EvalResult:
         """Evaluate the model loaded by :meth:`receive` on the local validation split."""
@@ -129,3 +160,16 @@ class ClientTrainer:
             self.data.validation, self.tokenizer, self.config.model.max_length, 64, False
         )
         return evaluate(self.model, loader)
+
+
+@contextlib.contextmanager
+def _frozen(model: torch.nn.Module, names: Collection[str]) -> Iterator[None]:
+    """Parameters ``names`` do not train inside the block (Half Fine-Tuning)."""
+    params = [p for n, p in model.named_parameters() if n in names and p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)

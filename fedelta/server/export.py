@@ -23,7 +23,7 @@ from fedelta.data import load_corpus
 from fedelta.lora import FOLD_PREFIX, apply_fold
 from fedelta.models import (
     ModelSpec,
-    build_peft_model,
+    build_model,
     load_base_model,
     load_tokenizer,
 )
@@ -37,17 +37,20 @@ CORRECTIONS_FILE = "base_corrections.safetensors"
 
 
 def export_adapter(
-    model: PeftModel,
+    model: torch.nn.Module,
     global_state: Mapping[str, torch.Tensor],
     label_names: Sequence[str],
     model_name: str,
     out_dir: Path,
 ) -> Path:
     """Write the adapter (LoRA factors and head) with its labels and base model name,
-    and the base-weight corrections of folding strategies."""
+    and the base-weight corrections of folding strategies. A fully fine-tuned model
+    (no adapter) is written whole, as a Transformers model folder."""
     load_global_state(model, global_state)
     model.save_pretrained(str(out_dir))
     info = {"base-model": model_name, "labels": list(label_names)}
+    if not isinstance(model, PeftModel):
+        info["finetuning"] = "full"
     folds = {
         k.removeprefix(FOLD_PREFIX): v.contiguous()
         for k, v in global_state.items()
@@ -67,7 +70,7 @@ def export_checkpoint(run_dir: Path) -> Path:
     corpus = load_corpus(config.data, config.seed)
     spec = ModelSpec.from_config(config, corpus.num_labels)
     return export_adapter(
-        build_peft_model(spec),
+        build_model(spec),
         checkpoint.global_state,
         corpus.label_names,
         config.model.name,
@@ -75,12 +78,15 @@ def export_checkpoint(run_dir: Path) -> Path:
     )
 
 
-def load_exported(adapter_dir: Path) -> PeftModel:
-    """The base model with the exported adapter applied, ready for inference."""
+def load_exported(adapter_dir: Path) -> torch.nn.Module:
+    """The base model with the exported adapter applied (or the fully fine-tuned
+    model), ready for inference."""
     info_path = adapter_dir / INFO_FILE
     if not info_path.is_file():
         raise FileNotFoundError(f"'{adapter_dir}' has no {INFO_FILE}; is it a fedelta adapter?")
     info = json.loads(info_path.read_text(encoding="utf-8"))
+    if info.get("finetuning") == "full":
+        return load_base_model(str(adapter_dir), len(info["labels"]))
     base = load_base_model(info["base-model"], len(info["labels"]))
     base.config.id2label = dict(enumerate(info["labels"]))
     base.config.label2id = {name: i for i, name in enumerate(info["labels"])}
@@ -92,7 +98,9 @@ def load_exported(adapter_dir: Path) -> PeftModel:
 
 def export_merged(adapter_dir: Path, out_dir: Path) -> Path:
     """Fold the adapter into the base weights and save a plain Transformers model."""
-    model = load_exported(adapter_dir).merge_and_unload()
+    model = load_exported(adapter_dir)
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
     model.save_pretrained(str(out_dir))
     info = json.loads((adapter_dir / INFO_FILE).read_text(encoding="utf-8"))
     load_tokenizer(info["base-model"]).save_pretrained(str(out_dir))

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
 from fedelta import deltas, protocol
+from fedelta.compression import UplinkCompression
 from fedelta.config import RUN_CONFIG_FILE, ConfigError, RunConfig, load_config
 from fedelta.data import label_names
 from fedelta.server.checkpoint import FILENAME as CHECKPOINT_FILE
@@ -78,7 +79,10 @@ class Federation:
         """Site name to the LoRA rank it trains."""
         self.refused: set[int] = set()
         """Nodes whose site config this run cannot use (reported once)."""
-        self._down = self._up = 0
+        self.compression = UplinkCompression(self.config.compression, self.config.seed)
+        self._down: dict[int, int] = {}
+        self._up: dict[int, int] = {}
+        """Serialized bytes sent to and received from each node this round."""
 
     # -- the run -------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -97,7 +101,7 @@ class Federation:
         )
         for server_round in range(done + 1, self.config.num_server_rounds + 1):
             round_started = time.monotonic()
-            self._down = self._up = 0
+            self._down, self._up = {}, {}
             global_state, train_row = self._train_with_retries(
                 server_round, global_state, layout, rng
             )
@@ -106,9 +110,7 @@ class Federation:
             if self.config.fraction_evaluate > 0:
                 available = self._wait_for_sites()
                 row |= self._federated_evaluation(server_round, global_state, available, rng)
-            row |= {
-                "bytes-down": self._down,
-                "bytes-up": self._up,
+            row |= self._byte_ledger() | {
                 "wall-seconds": round(time.monotonic() - round_started, 3),
             }
             self._complete_round(row, global_state, rng)
@@ -314,7 +316,7 @@ class Federation:
         failed: dict[str, str] = {}
         replied: list[str] = []
         loss_sum = examples = 0.0
-        rejected = 0
+        rejected = dense_fp32 = 0
         for node_id, reply in self._exchange(messages, self._timeout()):
             site = available[node_id]
             if reply is None:
@@ -327,6 +329,8 @@ class Federation:
                     update = read_update(
                         reply.content,
                         self.strategy.uplink_layout(layout, rank),
+                        self.compression,
+                        server_round,
                         self.config.max_update_norm,
                     )
                 except deltas.InvalidUpdateError as err:
@@ -334,6 +338,10 @@ class Federation:
                     rejected += 1
                 else:
                     self.strategy.accumulate(update.delta, update.num_examples, rank)
+                    dense_fp32 += 4 * sum(
+                        math.prod(shape)
+                        for shape in self.strategy.uplink_layout(layout, rank).values()
+                    )
                     replied.append(site)
                     loss_sum += update.train_loss * update.num_examples
                     examples += update.num_examples
@@ -344,6 +352,7 @@ class Federation:
             "clients-sampled": len(sampled),
             "clients-replied": len(replied),
             "clients-rejected": rejected,
+            "dense-fp32-bytes-up": dense_fp32,
             "sites-sampled": sampled,
             "clients-failed": failed,
         }
@@ -403,6 +412,19 @@ class Federation:
             records[protocol.FOLD] = deltas.encode(fold)
         return records
 
+    def _byte_ledger(self) -> dict[str, Any]:
+        """This round's bytes down and up, in total and per site."""
+
+        def by_site(counts: Mapping[int, int]) -> dict[str, int]:
+            return {self.sites.get(n, f"node-{n}"): b for n, b in sorted(counts.items())}
+
+        return {
+            "bytes-down": sum(self._down.values()),
+            "bytes-up": sum(self._up.values()),
+            "bytes-down-by-site": by_site(self._down),
+            "bytes-up-by-site": by_site(self._up),
+        }
+
     def _timeout(self) -> float | None:
         return self.config.round_timeout or None
 
@@ -413,7 +435,9 @@ class Federation:
 
         Messages still unanswered at the timeout yield ``(node, None)``.
         """
-        self._down += sum(message_bytes(m) for m in messages)
+        for m in messages:
+            node = m.metadata.dst_node_id
+            self._down[node] = self._down.get(node, 0) + message_bytes(m)
         ids = list(self.grid.push_messages(messages))
         destination = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}
         pending = set(ids)
@@ -424,7 +448,8 @@ class Federation:
                 if message_id not in pending:
                     continue
                 pending.discard(message_id)
-                self._up += message_bytes(reply)
+                node = destination[message_id]
+                self._up[node] = self._up.get(node, 0) + message_bytes(reply)
                 yield destination[message_id], reply
             if pending:
                 if deadline is not None and time.monotonic() > deadline:

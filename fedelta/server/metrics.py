@@ -55,18 +55,31 @@ def summarise(rows: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]
     trained = [r for r in rows if r["round"] > 0]
     last = rows[-1] if rows else {}
     with_acc = [r for r in rows if r.get("test-accuracy") is not None]
+    bytes_up = sum(r.get("bytes-up", 0) for r in rows)
+    dense_up = sum(r.get("dense-fp32-bytes-up", 0) for r in rows)
     return {
         "rounds": len(trained),
         "final-test-accuracy": last.get("test-accuracy"),
         "final-test-loss": last.get("test-loss"),
         "best-test-accuracy": max((r["test-accuracy"] for r in with_acc), default=None),
         "total-bytes-down": sum(r.get("bytes-down", 0) for r in rows),
-        "total-bytes-up": sum(r.get("bytes-up", 0) for r in rows),
+        "total-bytes-up": bytes_up,
+        "uplink-reduction": round(dense_up / bytes_up, 2) if bytes_up else None,
+        "bytes-down-by-site": _site_totals(rows, "bytes-down-by-site"),
+        "bytes-up-by-site": _site_totals(rows, "bytes-up-by-site"),
         "total-failures": sum(len(r.get("clients-failed", {})) for r in rows),
         "total-rejected": sum(r.get("clients-rejected", 0) for r in rows),
         "rounds-skipped": sum(bool(r.get("round-skipped")) for r in rows),
         "wall-seconds": round(wall_seconds, 2),
     }
+
+
+def _site_totals(rows: Iterable[Mapping[str, Any]], key: str) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for row in rows:
+        for site, count in row.get(key, {}).items():
+            totals[site] = totals.get(site, 0) + count
+    return dict(sorted(totals.items()))
 
 
 def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path:
@@ -81,6 +94,17 @@ def format_bytes(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1000
     raise AssertionError("unreachable")
+
+
+def format_traffic(summary: Mapping[str, Any]) -> str:
+    """One line on bytes moved, for the console after a run."""
+    line = (
+        f"bytes on the wire: {format_bytes(summary['total-bytes-down'])} down, "
+        f"{format_bytes(summary['total-bytes-up'])} up"
+    )
+    if summary.get("uplink-reduction"):
+        line += f" ({summary['uplink-reduction']:.1f}x smaller than the same updates as dense fp32)"
+    return line
 
 
 def format_table(rows: Iterable[Mapping[str, Any]]) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from flwr.app import RecordDict
 
 from fedelta import deltas, protocol
-from fedelta.models import TensorDict
+from fedelta.compression import Delta, UplinkCompression
 from fedelta.strategies.aggregators.norm_bound import global_norm
 
 
@@ -24,17 +24,23 @@ from fedelta.strategies.aggregators.norm_bound import global_norm
 class Update:
     """A validated training reply."""
 
-    delta: TensorDict
+    delta: Delta
+    """Dense and sparse tensors by name, decoded as ``[compression]`` says."""
     num_examples: int
     train_loss: float
 
 
 def read_update(
-    content: RecordDict, layout: Mapping[str, tuple[int, ...]], max_norm: float = 0.0
+    content: RecordDict,
+    layout: Mapping[str, tuple[int, ...]],
+    compression: UplinkCompression,
+    server_round: int,
+    max_norm: float = 0.0,
 ) -> Update:
     """The delta, example count and train loss of a reply, checked against ``layout``
-    (names, shapes, float dtype, finite values) and, when ``max_norm > 0``, rejected
-    if its L2 norm exceeds it (unlike ``strategy.clip-norm``, which scales it down)."""
+    and the run's compression (names, dtypes, shapes, sparse indices, scales, finite
+    values) and, when ``max_norm > 0``, rejected if its L2 norm exceeds it (unlike
+    ``strategy.clip-norm``, which scales it down)."""
     if protocol.DELTA not in content.array_records:
         raise deltas.InvalidUpdateError(f"reply has no '{protocol.DELTA}' record")
     metrics = content.metric_records.get(protocol.METRICS)
@@ -50,7 +56,7 @@ def read_update(
         raise deltas.InvalidUpdateError(
             f"{protocol.TRAIN_LOSS} must be a finite number, got {loss!r}"
         )
-    delta = deltas.decode(content.array_records[protocol.DELTA], layout)
+    delta = compression.decode(content.array_records[protocol.DELTA], layout, server_round)
     if max_norm > 0:
         norm = global_norm(delta)
         if norm > max_norm:

@@ -16,7 +16,7 @@ import torch
 
 from fedelta.config import RunConfig
 from fedelta.data import cycle, load_corpus, make_loader
-from fedelta.models import ModelSpec, build_peft_model, load_tokenizer
+from fedelta.models import ModelSpec, build_model, load_tokenizer
 from fedelta.server.evaluation import EVAL_BATCH_SIZE
 from fedelta.server.sampling import sample_size
 from fedelta.training import evaluate, seed_everything, train
@@ -41,7 +41,7 @@ def train_centralised(
         raise ValueError("the centralised baseline needs local-steps > 0 to size its budget")
     corpus = load_corpus(config.data, config.seed)
     spec = ModelSpec.from_config(config, corpus.num_labels)
-    model, tokenizer = build_peft_model(spec), load_tokenizer(config.model.name)
+    model, tokenizer = build_model(spec), load_tokenizer(config.model.name)
     seed_everything(config.seed)
     train_loader = make_loader(
         corpus.pool, tokenizer, config.model.max_length, config.batch_size, True, config.seed

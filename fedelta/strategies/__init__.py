@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from fedelta.config import RunConfig
 from fedelta.lora import RankScaling
-from fedelta.strategies.aggregators import AGGREGATORS, Aggregator, Krum, MultiKrum, TrimmedMean
+from fedelta.strategies.aggregators import (
+    AGGREGATORS,
+    Aggregator,
+    Krum,
+    Mean,
+    MultiKrum,
+    TrimmedMean,
+)
 from fedelta.strategies.base import Capabilities, EmptyRoundError, Strategy
 from fedelta.strategies.delta_strategy import DeltaStrategy
 from fedelta.strategies.lora import LORA_AGGREGATIONS, LoraAggregation
@@ -47,6 +54,8 @@ def build_aggregator(config: RunConfig) -> Aggregator:
         return MultiKrum(s.byzantine, s.krum_keep)
     if cls is Krum:
         return Krum(s.byzantine)
+    if cls is Mean:
+        return Mean(config.compression.weighting)
     return cls()
 
 

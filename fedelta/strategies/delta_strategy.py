@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from fedelta.compression.sparse import Delta, densify
 from fedelta.lora import rank_layout
 from fedelta.strategies.aggregators import Aggregator, Mean, clip_to_norm
 from fedelta.strategies.base import Capabilities, EmptyRoundError, Layout, Strategy, TensorDict
@@ -84,12 +85,20 @@ class DeltaStrategy(Strategy):
         self.aggregator.begin()
         self._clipped = self._received = 0
 
-    def accumulate(
-        self, delta: Mapping[str, torch.Tensor], num_examples: int, rank: int | None = None
-    ) -> None:
+    def accumulate(self, delta: Delta, num_examples: int, rank: int | None = None) -> None:
+        """Sparse tensors stay sparse into the mean when the LoRA rule combines factors at
+        the client's rank; otherwise they are densified first (rank lifting, weight
+        updates, robust rules all need every coordinate)."""
         if num_examples <= 0:
             raise ValueError(f"num-examples must be positive, got {num_examples}")
         rank = rank or self.lora.scaling.global_rank
+        sparse_ok = (
+            self.aggregator.sparse
+            and self.lora.factor_space
+            and rank == self.lora.scaling.global_rank
+        )
+        if not sparse_ok:
+            delta = densify(delta)
         update = self.lora.update(delta, rank)
         if self.clip_norm:
             update, clipped = clip_to_norm(update, self.clip_norm)
@@ -102,7 +111,9 @@ class DeltaStrategy(Strategy):
         if not self._received:
             raise EmptyRoundError("no client update was accumulated this round")
         combined = self.aggregator.result()
-        return self.lora.finish(self.optimizer.step(self.lora.params(), combined))
+        # Tensors nobody sent this round (Half Fine-Tuning froze them) stay as they are.
+        params = {k: v for k, v in self.lora.params().items() if k in combined}
+        return self.lora.finish(self.optimizer.step(params, combined))
 
     def round_metrics(self) -> dict[str, float]:
         metrics = self.lora.metrics() | self.aggregator.metrics()

@@ -27,6 +27,8 @@ class Aggregator(ABC):
     streaming: ClassVar[bool] = False
     linear: ClassVar[bool] = False
     """Only the (weighted) sum of updates is needed, so secure aggregation can hide them."""
+    sparse: ClassVar[bool] = False
+    """Takes :class:`~fedelta.compression.SparseTensor` updates without densifying them."""
 
     @abstractmethod
     def begin(self) -> None:

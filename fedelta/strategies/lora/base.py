@@ -43,6 +43,9 @@ class LoraAggregation:
     """Clients never train A (it stays the seeded initialisation)."""
     local_b: ClassVar[bool] = False
     """Clients keep B to themselves across rounds (personalisation)."""
+    factor_space: ClassVar[bool] = True
+    """Client deltas are combined as factors (sparse deltas stay sparse at the global
+    rank); folding rules combine weight updates instead."""
     folds_tail: ClassVar[bool] = False
     """A lower-rank client folds the global components it cannot hold into its base
     weights, so it trains on exactly the global model."""

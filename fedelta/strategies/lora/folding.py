@@ -49,6 +49,7 @@ class FoldingLora(LoraAggregation, ABC):
     exact = True
     linear = False
     dp_friendly = False
+    factor_space = False
     folds_tail = True
 
     def initial_state(self, adapter_state: Mapping[str, torch.Tensor]) -> TensorDict:

@@ -1,0 +1,22 @@
+"""Sparse and quantized client uploads: what crosses the wire, and how it is read back.
+
+See :mod:`fedelta.compression.uplink` for the pipeline; the sparse type, codecs,
+selection rules, training-time masks (SpIEL, LIFT), Half Fine-Tuning and error
+feedback each have their own module.
+"""
+
+from fedelta.compression.quantization import CODECS, Codec, build_codec
+from fedelta.compression.sparse import Delta, SparseTensor, densify
+from fedelta.compression.uplink import SPARSITY, ClientMemory, UplinkCompression
+
+__all__ = [
+    "CODECS",
+    "SPARSITY",
+    "ClientMemory",
+    "Codec",
+    "Delta",
+    "SparseTensor",
+    "UplinkCompression",
+    "build_codec",
+    "densify",
+]

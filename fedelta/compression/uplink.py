@@ -1,0 +1,203 @@
+"""One run's uplink compression, as clients apply it and the server reads it back.
+
+Built from the ``[compression]`` table on both sides, so a reply is decoded
+against exactly what the run promised: which tensors (Half Fine-Tuning sends
+half), dense or sparse with how many entries, whose indices (sent, or derived
+from the round seed), and in which value codec.
+
+Client side, per round: Half Fine-Tuning picks the tensors that train; a
+training-time mask (SpIEL, LIFT) restricts the coordinates that train; after
+training, top-k or the seeded mask pick the entries to send (error-corrected),
+the codec quantizes them, and the residual keeps whatever the server will not
+see. Server side: :meth:`UplinkCompression.decode` validates and decodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, RecordDict
+
+from fedelta.compression import error_feedback
+from fedelta.compression.half_finetuning import selected_tensors
+from fedelta.compression.lift import lift_indices
+from fedelta.compression.masked_training import TrainingMask
+from fedelta.compression.quantization import build_codec
+from fedelta.compression.selection import seeded_mask_indices, top_k_indices
+from fedelta.compression.sparse import Delta, SparseTensor, count_for, densify
+from fedelta.compression.spiel import SpielMask, initial_indices
+from fedelta.compression.wire import TensorFormat, decode_delta, encode_delta, format_of
+from fedelta.config import CompressionConfig
+from fedelta.training import derive_seed
+
+TensorDict = dict[str, torch.Tensor]
+
+SPARSITY = ("none", "top-k", "random-mask", "spiel", "lift")
+TRAINING_MASKS = ("spiel", "lift")
+"""Methods that restrict training itself; the others sparsify a dense delta."""
+
+
+@dataclass
+class ClientMemory:
+    """What a site keeps across rounds for compression (in its ``Context.state``)."""
+
+    residual: TensorDict = field(default_factory=dict)
+    """Error feedback: the part of past deltas not yet sent."""
+    indices: TensorDict = field(default_factory=dict)
+    """SpIEL: the site's current index set per tensor."""
+
+    RESIDUAL: ClassVar[str] = "compression-residual"
+    INDICES: ClassVar[str] = "compression-indices"
+
+    @classmethod
+    def load(cls, state: RecordDict) -> ClientMemory:
+        """The memory a node's ``Context.state`` holds (empty on its first round)."""
+
+        def read(key: str) -> TensorDict:
+            record = state.array_records.get(key)
+            if record is None:
+                return {}
+            return {k: torch.from_numpy(a.numpy().copy()) for k, a in record.items()}
+
+        return cls(read(cls.RESIDUAL), read(cls.INDICES))
+
+    def save(self, state: RecordDict) -> None:
+        """Write the memory into a node's ``Context.state``."""
+        for key, tensors in ((self.RESIDUAL, self.residual), (self.INDICES, self.indices)):
+            if tensors:
+                record = ArrayRecord()
+                for name, tensor in tensors.items():
+                    record[name] = Array(np.ascontiguousarray(tensor.numpy()))
+                state[key] = record
+
+
+class UplinkCompression:
+    """The ``[compression]`` settings of a run, bound to its seed."""
+
+    def __init__(self, settings: CompressionConfig, seed: int) -> None:
+        self.settings = settings
+        self.seed = seed
+        self.codec = build_codec(
+            settings.quantization, settings.block_size, settings.stochastic_rounding
+        )
+        self._masks: dict[tuple[int, str, int], torch.Tensor] = {}
+
+    @property
+    def sparsity(self) -> str:
+        return self.settings.sparsity
+
+    @property
+    def sends_indices(self) -> bool:
+        return self.sparsity in ("top-k", *TRAINING_MASKS)
+
+    @property
+    def uses_error_feedback(self) -> bool:
+        """Error feedback applies where something is left out: post-hoc sparsity or a
+        lossy codec, never training-time masks (they send all they trained)."""
+        lossy = self.sparsity != "none" or self.codec.name != "none"
+        return self.settings.error_feedback and lossy and self.sparsity not in TRAINING_MASKS
+
+    # -- shared --------------------------------------------------------------------------
+    def uplink_names(self, names: Iterable[str], server_round: int) -> set[str]:
+        """The tensors trained and sent this round (half of them under Half Fine-Tuning)."""
+        names = list(names)
+        if self.settings.half_finetuning:
+            return selected_tensors(names, self.seed, server_round)
+        return set(names)
+
+    def formats(
+        self, layout: Mapping[str, tuple[int, ...]], server_round: int
+    ) -> dict[str, TensorFormat]:
+        """What a valid reply holds, per tensor, for a client whose tensors have ``layout``."""
+        formats = {}
+        for name in sorted(self.uplink_names(layout, server_round)):
+            shape = tuple(layout[name])
+            fmt = TensorFormat(shape)
+            if self.sparsity != "none":
+                count = count_for(fmt.numel, self.settings.density)
+                indices = None
+                if self.sparsity == "random-mask":
+                    indices = self._seeded_mask(server_round, name, fmt.numel)
+                fmt = TensorFormat(shape, count, indices)
+            formats[name] = fmt
+        return formats
+
+    def _seeded_mask(self, server_round: int, name: str, numel: int) -> torch.Tensor:
+        key = (server_round, name, numel)
+        if key not in self._masks:
+            self._masks = {k: v for k, v in self._masks.items() if k[0] == server_round}
+            self._masks[key] = seeded_mask_indices(
+                self.seed, server_round, name, numel, self.settings.density
+            )
+        return self._masks[key]
+
+    # -- server ----------------------------------------------------------------------------
+    def decode(
+        self, record: ArrayRecord, layout: Mapping[str, tuple[int, ...]], server_round: int
+    ) -> Delta:
+        """A client's reply decoded and validated (raises ``InvalidUpdateError``)."""
+        return decode_delta(record, self.formats(layout, server_round), self.codec)
+
+    # -- client ----------------------------------------------------------------------------
+    def training_mask(
+        self,
+        start: Mapping[str, torch.Tensor],
+        memory: ClientMemory,
+        server_round: int,
+        client_seed: int,
+    ) -> TrainingMask | None:
+        """The mask local training must respect this round (SpIEL, LIFT), if any."""
+        generator = torch.Generator().manual_seed(derive_seed(client_seed, server_round, 11))
+        s = self.settings
+        if self.sparsity == "spiel":
+            layout = {k: tuple(v.shape) for k, v in start.items()}
+            indices = initial_indices(layout, s.density, generator)
+            for name, kept in memory.indices.items():
+                if name in indices and kept.shape == indices[name].shape:
+                    indices[name] = kept
+            return SpielMask(indices, start, s.regrow_interval, s.regrow_fraction)
+        if self.sparsity == "lift":
+            return TrainingMask(lift_indices(start, s.density, s.lift_rank, generator), start)
+        return None
+
+    def compress(
+        self,
+        delta: Mapping[str, torch.Tensor],
+        memory: ClientMemory,
+        server_round: int,
+        client_seed: int,
+        mask: TrainingMask | None = None,
+    ) -> ArrayRecord:
+        """The wire form of ``delta`` (the tensors :meth:`uplink_names` selected);
+        updates ``memory`` (residual, SpIEL indices)."""
+        generator = torch.Generator().manual_seed(derive_seed(client_seed, server_round, 13))
+        density = self.settings.density
+        intended = dict(delta)
+        if self.uses_error_feedback:
+            intended = error_feedback.corrected(delta, memory.residual)
+        wire: dict[str, torch.Tensor | SparseTensor]
+        if mask is not None:
+            wire = {k: SparseTensor.gather(delta[k], idx) for k, idx in mask.indices.items()}
+            if self.sparsity == "spiel":
+                memory.indices = dict(mask.indices)
+        elif self.sparsity == "top-k":
+            wire = {
+                k: SparseTensor.gather(v, top_k_indices(v, density)) for k, v in intended.items()
+            }
+        elif self.sparsity == "random-mask":
+            wire = {
+                k: SparseTensor.gather(v, self._seeded_mask(server_round, k, v.numel()))
+                for k, v in intended.items()
+            }
+        else:
+            wire = dict(intended)
+        record = encode_delta(wire, self.codec, self.sends_indices, generator)
+        if self.uses_error_feedback:
+            formats = {k: format_of(v, self.sends_indices) for k, v in wire.items()}
+            sent = densify(decode_delta(record, formats, self.codec))
+            memory.residual = error_feedback.remainder(intended, sent, memory.residual)
+        return record
