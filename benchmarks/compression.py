@@ -36,6 +36,14 @@ RUNS: dict[str, tuple[str, dict]] = {
         "LoRA, top-k 5% + error feedback, int8 values",
         {"compression.sparsity": "top-k", "compression.quantization": "int8"},
     ),
+    "top-k-int8-senders": (
+        "LoRA, top-k 5% + error feedback, int8, mean over each entry's senders",
+        {
+            "compression.sparsity": "top-k",
+            "compression.quantization": "int8",
+            "compression.weighting": "senders",
+        },
+    ),
     "random-mask-int8": (
         "LoRA, seeded random mask 5% + error feedback, int8 (no indices)",
         {"compression.sparsity": "random-mask", "compression.quantization": "int8"},

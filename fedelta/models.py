@@ -26,7 +26,13 @@ from fedelta.lora import is_factor, lora_layers, seeded_lora_A
 TensorDict = dict[str, torch.Tensor]
 
 HEAD_MODULES = ("classifier", "score")
-"""Top-level names of classification heads (peft's ``modules_to_save`` for SEQ_CLS)."""
+"""Names of classification heads (peft's ``modules_to_save`` for SEQ_CLS)."""
+
+
+def is_head(name: str) -> bool:
+    """Whether trainable tensor ``name`` belongs to the classification head (newly
+    initialised, tiny: always trained in full and sent dense)."""
+    return any(part in HEAD_MODULES for part in name.split(".")[:4])
 
 
 class ModelNotFoundError(FileNotFoundError):

@@ -14,14 +14,13 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from fedelta.models import HEAD_MODULES
+from fedelta.models import is_head
 from fedelta.training import derive_seed
 
 
 def group_of(name: str) -> str | None:
     """The parameter group of a trainable tensor; ``None`` for the head (never frozen)."""
-    parts = name.split(".")
-    if any(p in HEAD_MODULES for p in parts[:4]):
+    if is_head(name):
         return None
     if ".lora_A." in name or ".lora_B." in name:
         return name.split(".lora_")[0]

@@ -10,6 +10,11 @@ training-time mask (SpIEL, LIFT) restricts the coordinates that train; after
 training, top-k or the seeded mask pick the entries to send (error-corrected),
 the codec quantizes them, and the residual keeps whatever the server will not
 see. Server side: :meth:`UplinkCompression.decode` validates and decodes.
+
+The classification head is never sparsified and always trains in full: it starts
+from random weights, and at 2 labels it is 770 values; a head trained or sent 5%
+at a time keeps the whole federation at the majority class for rounds (as the
+first compression benchmark runs showed). Only its values are quantized.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from fedelta.compression.sparse import Delta, SparseTensor, count_for, densify
 from fedelta.compression.spiel import SpielMask, initial_indices
 from fedelta.compression.wire import TensorFormat, decode_delta, encode_delta, format_of
 from fedelta.config import CompressionConfig
+from fedelta.models import is_head
 from fedelta.training import derive_seed
 
 TensorDict = dict[str, torch.Tensor]
@@ -117,7 +123,7 @@ class UplinkCompression:
         for name in sorted(self.uplink_names(layout, server_round)):
             shape = tuple(layout[name])
             fmt = TensorFormat(shape)
-            if self.sparsity != "none":
+            if self.sparsity != "none" and not is_head(name):
                 count = count_for(fmt.numel, self.settings.density)
                 indices = None
                 if self.sparsity == "random-mask":
@@ -153,6 +159,7 @@ class UplinkCompression:
         """The mask local training must respect this round (SpIEL, LIFT), if any."""
         generator = torch.Generator().manual_seed(derive_seed(client_seed, server_round, 11))
         s = self.settings
+        start = {k: v for k, v in start.items() if not is_head(k)}
         if self.sparsity == "spiel":
             layout = {k: tuple(v.shape) for k, v in start.items()}
             indices = initial_indices(layout, s.density, generator)
@@ -179,22 +186,19 @@ class UplinkCompression:
         intended = dict(delta)
         if self.uses_error_feedback:
             intended = error_feedback.corrected(delta, memory.residual)
-        wire: dict[str, torch.Tensor | SparseTensor]
-        if mask is not None:
-            wire = {k: SparseTensor.gather(delta[k], idx) for k, idx in mask.indices.items()}
-            if self.sparsity == "spiel":
-                memory.indices = dict(mask.indices)
-        elif self.sparsity == "top-k":
-            wire = {
-                k: SparseTensor.gather(v, top_k_indices(v, density)) for k, v in intended.items()
-            }
-        elif self.sparsity == "random-mask":
-            wire = {
-                k: SparseTensor.gather(v, self._seeded_mask(server_round, k, v.numel()))
-                for k, v in intended.items()
-            }
-        else:
-            wire = dict(intended)
+        wire: dict[str, torch.Tensor | SparseTensor] = dict(intended)
+        for name, value in intended.items():
+            if is_head(name):
+                continue
+            if mask is not None:
+                wire[name] = SparseTensor.gather(value, mask.indices[name])
+            elif self.sparsity == "top-k":
+                wire[name] = SparseTensor.gather(value, top_k_indices(value, density))
+            elif self.sparsity == "random-mask":
+                indices = self._seeded_mask(server_round, name, value.numel())
+                wire[name] = SparseTensor.gather(value, indices)
+        if mask is not None and self.sparsity == "spiel":
+            memory.indices = dict(mask.indices)
         record = encode_delta(wire, self.codec, self.sends_indices, generator)
         if self.uses_error_feedback:
             formats = {k: format_of(v, self.sends_indices) for k, v in wire.items()}
