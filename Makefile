@@ -28,13 +28,14 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# Regenerate the tables in benchmarks/results/ (tens of minutes on 2 cores).
+# Regenerate the tables in benchmarks/results/ (hours on 2 cores).
 bench: install
 	$(BIN)/python benchmarks/server_memory.py
 	$(BIN)/python benchmarks/lora_ranks.py
 	$(BIN)/python benchmarks/server_optimizers.py
 	$(BIN)/python benchmarks/lora_rules_skew.py
 	$(BIN)/python benchmarks/byzantine.py
+	$(BIN)/python benchmarks/compression.py
 
 lint: install
 	$(BIN)/python -m pip install --quiet ruff
