@@ -88,14 +88,16 @@ class ClientTrainer:
     @property
     def global_layout(self) -> dict[str, tuple[int, ...]]:
         """Names and shapes of the adapter tensors the server sends (global rank)."""
-        sent = {k: v for k, v in adapter_layout(self.model).items() if self.rule.exchanged(k)}
-        return dict(rank_layout(sent, self.rule.scaling.global_rank))
+        return self._exchanged_layout(self.rule.scaling.global_rank)
 
     @property
     def uplink_layout(self) -> dict[str, tuple[int, ...]]:
         """Names and shapes of the tensors this client's delta covers (its own rank)."""
+        return self._exchanged_layout(self.rank)
+
+    def _exchanged_layout(self, rank: int) -> dict[str, tuple[int, ...]]:
         sent = {k: v for k, v in adapter_layout(self.model).items() if self.rule.exchanged(k)}
-        return dict(rank_layout(sent, self.rank))
+        return dict(rank_layout(sent, rank))
 
     def receive(
         self,
