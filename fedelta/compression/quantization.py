@@ -18,13 +18,12 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-SCALES = "@scales"
-"""Suffix of the array holding a quantized tensor's scales."""
 FP16_MAX = 65504.0
+CODECS = ("none", "fp16", "int8", "int8-block")
 
 
 class Codec(ABC):
-    """Turns fp32 values into wire arrays and back."""
+    """Turns a flat fp32 tensor into wire values (and scales) and back."""
 
     name: str
     wire_dtype: ClassVar[np.dtype]
@@ -34,12 +33,12 @@ class Codec(ABC):
     @abstractmethod
     def encode(
         self, values: torch.Tensor, generator: torch.Generator | None = None
-    ) -> dict[str, np.ndarray]:
-        """Wire arrays by suffix: ``""`` for the values, :data:`SCALES` for scales."""
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Wire values and, for codecs with scales, the fp32 scales."""
 
     @abstractmethod
-    def decode(self, arrays: dict[str, np.ndarray]) -> torch.Tensor:
-        """fp32 values (same shape as encoded) from what :meth:`encode` produced."""
+    def decode(self, values: np.ndarray, scales: np.ndarray | None = None) -> torch.Tensor:
+        """fp32 values from what :meth:`encode` produced."""
 
     @abstractmethod
     def error_bound(self, values: torch.Tensor) -> float:
@@ -56,11 +55,11 @@ class Fp32(Codec):
 
     def encode(
         self, values: torch.Tensor, generator: torch.Generator | None = None
-    ) -> dict[str, np.ndarray]:
-        return {"": values.detach().to(torch.float32).numpy()}
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        return values.detach().to(torch.float32).numpy(), None
 
-    def decode(self, arrays: dict[str, np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(arrays[""].astype(np.float32, copy=False))
+    def decode(self, values: np.ndarray, scales: np.ndarray | None = None) -> torch.Tensor:
+        return torch.from_numpy(values.astype(np.float32, copy=False))
 
     def error_bound(self, values: torch.Tensor) -> float:
         return 0.0
@@ -72,14 +71,14 @@ class Fp16(Codec):
 
     def encode(
         self, values: torch.Tensor, generator: torch.Generator | None = None
-    ) -> dict[str, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         peak = float(values.abs().max()) if values.numel() else 0.0
         if peak > FP16_MAX:
             raise OverflowError(f"a value of magnitude {peak:.3g} does not fit fp16")
-        return {"": values.detach().to(torch.float16).numpy()}
+        return values.detach().to(torch.float16).numpy(), None
 
-    def decode(self, arrays: dict[str, np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(arrays[""].astype(np.float32))
+    def decode(self, values: np.ndarray, scales: np.ndarray | None = None) -> torch.Tensor:
+        return torch.from_numpy(values.astype(np.float32))
 
     def error_bound(self, values: torch.Tensor) -> float:
         # Half a unit in the last place: 2^-11 relative for normals, 2^-25 absolute
@@ -110,32 +109,32 @@ class Int8(Codec):
         pad = (-flat.numel()) % size
         return torch.cat([flat, flat.new_zeros(pad)]).view(-1, size)
 
-    def _scales(self, values: torch.Tensor) -> torch.Tensor:
-        return self._blocks(values.detach().float().reshape(-1)).abs().amax(dim=1) / 127.0
+    def _scaled_blocks(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The value blocks and their scales ``max|v| / 127``."""
+        blocks = self._blocks(values.detach().float().reshape(-1))
+        return blocks, blocks.abs().amax(dim=1) / 127.0
 
     def encode(
         self, values: torch.Tensor, generator: torch.Generator | None = None
-    ) -> dict[str, np.ndarray]:
-        flat = values.detach().float().reshape(-1)
-        blocks = self._blocks(flat)
-        scales = blocks.abs().amax(dim=1) / 127.0
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        blocks, scales = self._scaled_blocks(values)
         scaled = blocks / torch.where(scales > 0, scales, 1.0).unsqueeze(1)
         if self.stochastic:
-            noise = torch.rand(scaled.shape, generator=generator)
-            codes = torch.floor(scaled + noise)
+            codes = torch.floor(scaled + torch.rand(scaled.shape, generator=generator))
         else:
             codes = torch.round(scaled)
-        codes = codes.clamp(-127, 127).to(torch.int8).reshape(-1)[: flat.numel()]
-        return {"": codes.view(values.shape).numpy(), SCALES: scales.numpy()}
+        codes = codes.clamp(-127, 127).to(torch.int8).reshape(-1)[: values.numel()]
+        return codes.view(values.shape).numpy(), scales.numpy()
 
-    def decode(self, arrays: dict[str, np.ndarray]) -> torch.Tensor:
-        codes = torch.from_numpy(arrays[""].astype(np.float32))
-        scales = torch.from_numpy(arrays[SCALES].astype(np.float32))
-        blocks = self._blocks(codes.reshape(-1)) * scales.unsqueeze(1)
+    def decode(self, values: np.ndarray, scales: np.ndarray | None = None) -> torch.Tensor:
+        if scales is None:
+            raise ValueError("int8 values need their scales")
+        codes = torch.from_numpy(values.astype(np.float32))
+        blocks = self._blocks(codes.reshape(-1)) * torch.from_numpy(scales).float().unsqueeze(1)
         return blocks.reshape(-1)[: codes.numel()].view(codes.shape)
 
     def error_bound(self, values: torch.Tensor) -> float:
-        peak = float(self._scales(values).max()) if values.numel() else 0.0
+        peak = float(self._scaled_blocks(values)[1].max()) if values.numel() else 0.0
         # fp32 arithmetic in v / s and back adds a few ulps on top of the rounding.
         return peak * (1.0 if self.stochastic else 0.5) * (1 + 1e-5) + 1e-12
 
@@ -151,6 +150,3 @@ def build_codec(name: str, block_size: int = 256, stochastic: bool = False) -> C
     if name == "int8-block":
         return Int8(block_size, stochastic)
     raise ValueError(f"unknown quantization {name!r}; use one of {', '.join(CODECS)}")
-
-
-CODECS = ("none", "fp16", "int8", "int8-block")

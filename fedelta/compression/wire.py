@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedelta.compression.quantization import SCALES, Codec
+from fedelta.compression.quantization import Codec
 from fedelta.compression.sparse import SparseTensor, index_dtype
 from fedelta.deltas import InvalidUpdateError
 
 VALUES = "values"
 INDICES = "indices"
-SCALE_KEY = "scales"
+SCALES = "scales"
 
 
 @dataclass(frozen=True)
@@ -83,14 +83,14 @@ def encode_delta(
                 indices.append(tensor.indices.numpy().astype(idx_type))
         else:
             flat = tensor.detach().cpu().float().reshape(-1)
-        arrays = codec.encode(flat, generator)
-        values.append(arrays[""])
-        if codec.has_scales:
-            scales.append(arrays[SCALES])
+        encoded, tensor_scales = codec.encode(flat, generator)
+        values.append(encoded)
+        if tensor_scales is not None:
+            scales.append(tensor_scales)
     record = ArrayRecord()
     record[VALUES] = Array(np.ascontiguousarray(np.concatenate(values)))
     if codec.has_scales:
-        record[SCALE_KEY] = Array(np.ascontiguousarray(np.concatenate(scales)))
+        record[SCALES] = Array(np.ascontiguousarray(np.concatenate(scales)))
     if indices:
         record[INDICES] = Array(np.ascontiguousarray(np.concatenate(indices)))
     return record
@@ -103,7 +103,7 @@ def decode_delta(
     names = sorted(formats)
     expected = {VALUES}
     if codec.has_scales:
-        expected.add(SCALE_KEY)
+        expected.add(SCALES)
     if any(formats[n].sends_indices for n in names):
         expected.add(INDICES)
     missing, unexpected = expected - record.keys(), record.keys() - expected
@@ -116,10 +116,10 @@ def decode_delta(
     _check_length(VALUES, values, sum(formats[n].length for n in names))
     scales = None
     if codec.has_scales:
-        scales = _read(record, SCALE_KEY, np.dtype(np.float32))
-        _check_length(SCALE_KEY, scales, sum(codec.scale_count(formats[n].length) for n in names))
+        scales = _read(record, SCALES, np.dtype(np.float32))
+        _check_length(SCALES, scales, sum(codec.scale_count(formats[n].length) for n in names))
         if not (np.isfinite(scales).all() and (scales >= 0).all()):
-            raise InvalidUpdateError(f"'{SCALE_KEY}' has negative or non-finite scales")
+            raise InvalidUpdateError(f"'{SCALES}' has negative or non-finite scales")
     indices = None
     if INDICES in expected:
         sparse = [formats[n] for n in names if formats[n].sends_indices]
@@ -130,13 +130,13 @@ def decode_delta(
     v_at = s_at = i_at = 0
     for name in names:
         fmt = formats[name]
-        arrays = {"": values[v_at : v_at + fmt.length]}
+        segment, segment_scales = values[v_at : v_at + fmt.length], None
         v_at += fmt.length
         if scales is not None:
             n_scales = codec.scale_count(fmt.length)
-            arrays[SCALES] = scales[s_at : s_at + n_scales]
+            segment_scales = scales[s_at : s_at + n_scales]
             s_at += n_scales
-        decoded = codec.decode(arrays)
+        decoded = codec.decode(segment, segment_scales)
         if not torch.isfinite(decoded).all():
             raise InvalidUpdateError(f"tensor '{name}' has non-finite values")
         if fmt.count is None:
