@@ -22,9 +22,11 @@ class TrainingMask:
     """Trainable coordinates per tensor, enforced around each optimizer step."""
 
     def __init__(self, indices: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor]):
-        self.indices = {k: torch.sort(v.to(torch.int64)).values for k, v in indices.items()}
-        self.start = {k: start[k].detach().clone() for k in self.indices}
-        self._allowed = {k: self._bool_mask(k) for k in self.indices}
+        self.start = {k: start[k].detach().clone() for k in indices}
+        self.indices: TensorDict = {}
+        self._allowed: TensorDict = {}
+        for name, idx in indices.items():
+            self.set_indices(name, idx)
         self.steps = 0
 
     def _bool_mask(self, name: str) -> torch.Tensor:
@@ -58,5 +60,6 @@ class TrainingMask:
         return None
 
     def set_indices(self, name: str, indices: torch.Tensor) -> None:
+        """Make ``indices`` (any order) the trainable entries of ``name``."""
         self.indices[name] = torch.sort(indices.to(torch.int64)).values
         self._allowed[name] = self._bool_mask(name)

@@ -325,10 +325,11 @@ class Federation:
                 failed[site] = f"client error: {reply.error.reason}"
             else:
                 rank = self.ranks[site]
+                uplink = self.strategy.uplink_layout(layout, rank)
                 try:
                     update = read_update(
                         reply.content,
-                        self.strategy.uplink_layout(layout, rank),
+                        uplink,
                         self.compression,
                         server_round,
                         self.config.max_update_norm,
@@ -338,10 +339,7 @@ class Federation:
                     rejected += 1
                 else:
                     self.strategy.accumulate(update.delta, update.num_examples, rank)
-                    dense_fp32 += 4 * sum(
-                        math.prod(shape)
-                        for shape in self.strategy.uplink_layout(layout, rank).values()
-                    )
+                    dense_fp32 += 4 * sum(math.prod(shape) for shape in uplink.values())
                     replied.append(site)
                     loss_sum += update.train_loss * update.num_examples
                     examples += update.num_examples
