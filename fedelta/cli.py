@@ -210,11 +210,14 @@ def _simulate(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         if args.out:
             config = config.replace(output_dir=str(args.out))
+    from fedelta.server.generations import GENERATIONS_FILE
     from fedelta.server.metrics import format_traffic
 
     result = simulate(config, progress=not args.no_progress, verbose=args.verbose)
     print(json.dumps(result.summary, indent=2))
     print(format_traffic(result.summary))
+    if "generations" in result.summary:
+        print(f"sample answers before and after: {result.run_dir / GENERATIONS_FILE}")
     return 0
 
 

@@ -23,6 +23,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 Scalar = bool | int | float | str
 
+TASKS = ("classification", "causal-lm")
+"""What ``model.task`` may be."""
+
 RUN_CONFIG_FILE = "config.toml"
 """Where a run directory keeps the exact config it ran with (what resume and export read)."""
 
@@ -36,9 +39,13 @@ class ModelConfig:
     """Which pretrained model the federation adapts (``[model]``)."""
 
     name: str = "all-MiniLM-L6-v2"
-    """A built-in alias, a local Hugging Face model folder, or a hub id."""
+    """A built-in alias (all-MiniLM-L6-v2, SmolLM2-135M-Instruct), a local Hugging Face
+    model folder, or a hub id."""
+    task: str = "classification"
+    """``classification`` (sequence classification on labelled text: a new head) or
+    ``causal-lm`` (instruction tuning on chat data: loss on response tokens)."""
     max_length: int = 64
-    """Longest tokenised input; longer texts are truncated."""
+    """Longest tokenised input (a whole chat for causal-lm); longer ones are truncated."""
     finetuning: str = "lora"
     """``lora`` trains LoRA adapters on ``lora.target-modules``; ``full`` trains those
     modules' weights and biases directly (no adapter), e.g. for sparse fine-tuning.
@@ -80,7 +87,8 @@ class DataConfig:
     test_size: int = 1000
     """Examples held out before partitioning, for the server's central evaluation."""
     partitioner: str = "dirichlet"
-    """``iid`` or ``dirichlet`` (label skew)."""
+    """``iid``, ``dirichlet`` (label skew) or ``topic`` (chat data: each site gets whole
+    topics, the topics spread evenly over the sites)."""
     dirichlet_alpha: float = 0.5
     validation_fraction: float = 0.1
     """Share of each client's partition kept for federated evaluation."""
@@ -89,8 +97,26 @@ class DataConfig:
     The server fills them in before the first round, so sites training on their own
     data file (node config ``data-path``) map their labels to the same ids."""
 
+    packing: bool = False
+    """causal-lm: concatenate tokenised chats into ``model.max-length`` blocks instead
+    of padding each one (faster on short chats; attention crosses chat boundaries)."""
+
     def label_list(self) -> tuple[str, ...]:
         return tuple(item.strip() for item in self.labels.split(",") if item.strip())
+
+
+@dataclass
+class GenerationConfig:
+    """Sample answers written into a causal-lm run's report (``[generation]``)."""
+
+    prompts: str = ""
+    """User prompts separated by ``|``; empty: the first ``num-prompts`` held-out ones."""
+    num_prompts: int = 4
+    max_new_tokens: int = 48
+    """Greedy decoding length per answer."""
+
+    def prompt_list(self) -> list[str]:
+        return [item.strip() for item in self.prompts.split("|") if item.strip()]
 
 
 @dataclass
@@ -208,6 +234,9 @@ class RunConfig:
     """Optimizer steps per round on each client; 0 trains ``local-epochs`` instead."""
     lr: float = 2e-3
     batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    """Batches whose gradients are summed into one optimizer step (a step then sees
+    ``batch-size x gradient-accumulation-steps`` examples)."""
     weight_decay: float = 0.0
     seed: int = 42
     central_evaluation: bool = True
@@ -221,6 +250,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     # -- conversions -------------------------------------------------------------
@@ -274,6 +304,11 @@ class RunConfig:
             ("local-steps", self.local_steps >= 0, "must be >= 0"),
             ("lr", self.lr > 0.0, "must be > 0"),
             ("batch-size", self.batch_size >= 1, "must be >= 1"),
+            (
+                "gradient-accumulation-steps",
+                self.gradient_accumulation_steps >= 1,
+                "must be >= 1",
+            ),
             ("weight-decay", self.weight_decay >= 0.0, "must be >= 0"),
             ("model.name", bool(self.model.name.strip()), "must not be empty"),
             ("model.max-length", self.model.max_length >= 2, "must be >= 2"),
@@ -316,6 +351,8 @@ class RunConfig:
                 "must be in [0, 1)",
             ),
             ("compression.lift-rank", self.compression.lift_rank >= 1, "must be >= 1"),
+            ("generation.num-prompts", self.generation.num_prompts >= 0, "must be >= 0"),
+            ("generation.max-new-tokens", self.generation.max_new_tokens >= 1, "must be >= 1"),
             ("simulation.num-supernodes", self.simulation.num_supernodes >= 1, "must be >= 1"),
             ("simulation.client-cpus", self.simulation.client_cpus > 0.0, "must be > 0"),
         ]
@@ -327,12 +364,13 @@ class RunConfig:
 
         choices = {
             "short-round": ("retry", "skip", "stop"),
-            "data.partitioner": ("iid", "dirichlet"),
+            "data.partitioner": ("iid", "dirichlet", "topic"),
             "strategy.name": tuple(OPTIMIZERS),
             "strategy.lora": tuple(LORA_AGGREGATIONS),
             "strategy.robust": tuple(AGGREGATORS),
             "strategy.rank-projection": ("truncate", "svd"),
             "model.finetuning": ("lora", "full"),
+            "model.task": TASKS,
             "compression.sparsity": SPARSITY,
             "compression.quantization": CODECS,
             "compression.weighting": ("all", "senders"),
@@ -357,6 +395,7 @@ class RunConfig:
                 "empty; use it with naive or fedex"
             )
         self._validate_compression()
+        self._validate_task()
         if self.min_train_replies > self.min_train_nodes:
             raise ConfigError(
                 "config key 'min-train-replies' must be <= 'min-train-nodes' "
@@ -402,6 +441,22 @@ class RunConfig:
                     "config key 'compression.weighting' = \"senders\" cannot tell a lower-rank "
                     "client's padding from a sent zero; leave lora.client-ranks empty"
                 )
+
+    def _validate_task(self) -> None:
+        """Options that only one task can use."""
+        causal = self.model.task == "causal-lm"
+        if causal and self.data.partitioner == "dirichlet":
+            raise ConfigError(
+                "config key 'data.partitioner' = \"dirichlet\" skews labels, which chat data "
+                'has none of; use "topic" or "iid" with model.task = "causal-lm"'
+            )
+        if not causal and self.data.partitioner == "topic":
+            raise ConfigError(
+                "config key 'data.partitioner' = \"topic\" splits chat data by topic; "
+                'it needs model.task = "causal-lm"'
+            )
+        if not causal and self.data.packing:
+            raise ConfigError("config key 'data.packing' needs model.task = \"causal-lm\"")
 
     def _validate_ranks(self) -> None:
         try:

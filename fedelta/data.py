@@ -1,7 +1,9 @@
-"""Text-classification data: load a corpus, hold out a test split, partition clients.
+"""Federation data: load a corpus, hold out a test split, partition clients.
 
-One code path serves the built-in Rotten Tomatoes corpus and any local
-CSV/JSON/JSONL/Parquet file (read through ``datasets``). The held-out test split
+A corpus is labelled text (``text``/``label``: the built-in Rotten Tomatoes
+corpus or a local CSV/JSON/JSONL/Parquet file) or chats (``messages``/``topic``,
+:mod:`fedelta.chat_data`: the built-in chatterbot corpus or a local file of chats
+or instruction/response pairs); a file says which by its columns. The held-out test split
 is taken before partitioning, so the server's central evaluation never sees a
 client's examples. Partitions come from flwr-datasets' partitioners, seeded, so
 every process (server, each simulated or deployed client) derives the same split
@@ -19,10 +21,23 @@ from pathlib import Path
 
 import datasets
 import torch
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    GroupedNaturalIdPartitioner,
+    IidPartitioner,
+    Partitioner,
+)
 from torch.utils.data import DataLoader
 
-from fedelta.assets import CORPORA
+from fedelta.assets import CHAT_CORPORA, CORPORA
+from fedelta.chat_data import (
+    MESSAGES,
+    TOPIC,
+    ChatDataError,
+    is_chat_table,
+    normalise_chats,
+    read_chatterbot,
+)
 from fedelta.config import DataConfig
 
 TEXT, LABEL = "text", "label"
@@ -47,6 +62,7 @@ class Corpus:
     pool: datasets.Dataset
     test: datasets.Dataset
     label_names: tuple[str, ...]
+    """Class names in id order; empty for chats."""
 
     @property
     def num_labels(self) -> int:
@@ -87,6 +103,9 @@ def _load_corpus_cached(
     seed: int,
     labels: tuple[str, ...],
 ) -> Corpus:
+    _quiet_datasets()
+    if name in CHAT_CORPORA:
+        return _chat_corpus(read_chatterbot(CHAT_CORPORA[name].path()), name, test_size, seed)
     if name in CORPORA:
         path = CORPORA[name].path()
         table = _read_table(path)
@@ -96,12 +115,14 @@ def _load_corpus_cached(
     else:
         path = Path(name).expanduser()
         if not path.is_file():
-            known = ", ".join(sorted(CORPORA))
+            known = ", ".join(sorted(CORPORA | CHAT_CORPORA))
             raise DataError(
                 f"data file '{path}' does not exist (data.name takes a file path "
                 f"or a built-in corpus: {known})"
             )
         table = _read_table(path)
+        if is_chat_table(table):
+            return _chat_corpus(_chats(table, path), str(path), test_size, seed)
     table = _normalise(table, path, text_column, label_column, labels)
     if test_size >= len(table):
         raise DataError(
@@ -112,6 +133,24 @@ def _load_corpus_cached(
     return Corpus(
         pool=split["train"], test=split["test"], label_names=tuple(table.features[LABEL].names)
     )
+
+
+def _chat_corpus(table: datasets.Dataset, source: str, test_size: int, seed: int) -> Corpus:
+    if test_size >= len(table):
+        raise DataError(
+            f"data.test-size ({test_size}) must be smaller than the {len(table)} chats "
+            f"in '{source}'"
+        )
+    # Not stratified by topic: small topics (one chat) cannot be.
+    split = table.train_test_split(test_size=test_size, seed=seed)
+    return Corpus(pool=split["train"], test=split["test"], label_names=())
+
+
+def _chats(table: datasets.Dataset, source: str | Path) -> datasets.Dataset:
+    try:
+        return normalise_chats(table, source)
+    except ChatDataError as err:
+        raise DataError(str(err)) from err
 
 
 def load_site_data(path: str | Path, config: DataConfig, seed: int) -> ClientData:
@@ -126,15 +165,17 @@ def load_site_data(path: str | Path, config: DataConfig, seed: int) -> ClientDat
 @functools.lru_cache(maxsize=2)
 def _site_data(path: str, config_fields: tuple, seed: int) -> ClientData:
     config = DataConfig(*config_fields)
+    if not Path(path).is_file():
+        raise DataError(f"site data file '{path}' does not exist (node config 'data-path')")
+    table = _read_table(Path(path))
+    if is_chat_table(table):
+        return _split_validation(_chats(table, path), config.validation_fraction, seed)
     labels = config.label_list()
     if not labels:
         raise DataError(
             f"site data file '{path}' needs the federation's label names (data.labels); "
             "the server sends them, or set data.labels in the run config"
         )
-    if not Path(path).is_file():
-        raise DataError(f"site data file '{path}' does not exist (node config 'data-path')")
-    table = _read_table(Path(path))
     table = _normalise(table, path, config.text_column, config.label_column, labels)
     return _split_validation(table, config.validation_fraction, seed)
 
@@ -184,9 +225,14 @@ def _normalise(
     return table
 
 
-def _read_table(path: Path) -> datasets.Dataset:
+def _quiet_datasets() -> None:
+    """No per-split progress bars or cache notices from ``datasets`` in run logs."""
     datasets.disable_progress_bars()
     logging.getLogger("datasets").setLevel(logging.ERROR)
+
+
+def _read_table(path: Path) -> datasets.Dataset:
+    _quiet_datasets()
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in _COMPRESSION:
         suffixes = suffixes[:-1]
@@ -246,7 +292,13 @@ def _partitioner(config_fields: tuple, seed: int, num_partitions: int) -> Partit
         # IidPartitioner shards contiguously, so shuffle once with the run seed first.
         pool = pool.shuffle(seed=seed)
         partitioner = IidPartitioner(num_partitions=num_partitions)
+    elif config.partitioner == "topic":
+        partitioner = _topic_partitioner(pool, num_partitions)
     else:
+        if LABEL not in pool.column_names:
+            raise DataError(
+                f"data.partitioner = 'dirichlet' skews labels; '{config.name}' has none"
+            )
         partitioner = DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by=LABEL,
@@ -258,10 +310,29 @@ def _partitioner(config_fields: tuple, seed: int, num_partitions: int) -> Partit
     return partitioner
 
 
+def _topic_partitioner(pool: datasets.Dataset, num_partitions: int) -> Partitioner:
+    """Whole topics per site: the sorted topics cut into ``num_partitions`` groups of
+    equal count (flwr-datasets' grouped natural-id partitioner)."""
+    if TOPIC not in pool.column_names:
+        raise DataError("data.partitioner = 'topic' needs chat data with a 'topic' column")
+    topics = sorted(set(pool[TOPIC]))
+    if topics == [""]:
+        raise DataError("data.partitioner = 'topic' needs chats with a non-empty 'topic'")
+    group = -(-len(topics) // num_partitions)
+    if -(-len(topics) // group) != num_partitions:
+        feasible = sorted({-(-len(topics) // g) for g in range(1, len(topics) + 1)})
+        raise DataError(
+            f"the {len(topics)} topics cannot be split evenly into {num_partitions} sites; "
+            f"choose simulation.num-supernodes among {feasible}"
+        )
+    return GroupedNaturalIdPartitioner(partition_by=TOPIC, group_size=group, sort_unique_ids=True)
+
+
 def write_site_files(
     config: DataConfig, seed: int, num_partitions: int, out: Path, prefix: str = "site"
 ) -> list[Path]:
-    """Write client ``i``'s partition to ``out/<prefix>-<i>/train.csv`` with label names.
+    """Write client ``i``'s partition to ``out/<prefix>-<i>/train.csv`` with label names
+    (chats: ``train.jsonl`` with ``messages`` and ``topic``).
 
     Rehearses a deployment with one data volume per site: each SuperNode then reads
     only its own file (node config ``data-path``), the server's test split is in
@@ -271,11 +342,17 @@ def write_site_files(
     paths = []
     for partition_id in range(num_partitions):
         part = load_client_data(config, seed, num_partitions, partition_id)
-        frame = datasets.concatenate_datasets([part.train, part.validation]).to_pandas()
+        rows = datasets.concatenate_datasets([part.train, part.validation])
+        folder = Path(out) / f"{prefix}-{partition_id}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if MESSAGES in rows.column_names:
+            rows.to_json(str(folder / "train.jsonl"), lines=True)
+            paths.append(folder / "train.jsonl")
+            continue
+        frame = rows.to_pandas()
         frame[LABEL] = frame[LABEL].map(names.__getitem__)
         frame = frame.rename(columns={TEXT: config.text_column, LABEL: config.label_column})
-        path = Path(out) / f"{prefix}-{partition_id}" / "train.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = folder / "train.csv"
         frame.to_csv(path, index=False)
         paths.append(path)
     return paths
@@ -289,33 +366,6 @@ def _split_validation(part: datasets.Dataset, fraction: float, seed: int) -> Cli
     return ClientData(
         train=shuffled.select(range(num_val, len(part))),
         validation=shuffled.select(range(num_val)),
-    )
-
-
-def make_loader(
-    dataset: datasets.Dataset,
-    tokenizer: object,
-    max_length: int,
-    batch_size: int,
-    shuffle: bool,
-    seed: int = 0,
-) -> DataLoader:
-    """Batches of tokenised, dynamically padded examples with ``labels``."""
-
-    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-        batch = tokenizer(  # type: ignore[operator]
-            [r[TEXT] for r in rows],
-            truncation=True,
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
-        )
-        batch["labels"] = torch.tensor([r[LABEL] for r in rows], dtype=torch.long)
-        return dict(batch)
-
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate
     )
 
 

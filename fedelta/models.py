@@ -1,8 +1,8 @@
 """Build a PEFT model once per process and move its trainable state in and out.
 
 What a federation exchanges is the *adapter state*: the LoRA factors (also a
-frozen A, under FFA-LoRA) and the trainable classification head, keyed by their
-parameter names. Building a transformer
+frozen A, under FFA-LoRA) and, for classification, the trainable head, keyed by
+their parameter names. The task (:mod:`fedelta.tasks`) picks the model class. Building a transformer
 costs seconds, so each process builds its model once per configuration and
 only the trainable tensors are reset from each message.
 """
@@ -15,13 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, TaskType, get_peft_model
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from peft import LoraConfig, get_peft_model
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from fedelta.assets import MODELS
+from fedelta.assets import GGUF_MODELS, MODELS
 from fedelta.config import RunConfig
+from fedelta.gguf_cache import cached_copy
 from fedelta.lora import is_factor, lora_layers, seeded_lora_A
+from fedelta.tasks import TASK_TYPES
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -45,6 +47,7 @@ class ModelSpec:
 
     name: str
     num_labels: int
+    """Outputs of the classification head (0 for a causal LM)."""
     lora_r: int
     lora_alpha: int
     lora_dropout: float
@@ -58,6 +61,7 @@ class ModelSpec:
     """Keep A at its seeded initialisation (FFA-LoRA)."""
     finetuning: str = "lora"
     """``lora``: adapters on ``target_modules``; ``full``: those modules' own weights."""
+    task: str = "classification"
 
     @classmethod
     def from_config(cls, config: RunConfig, num_labels: int, rank: int | None = None) -> ModelSpec:
@@ -77,6 +81,7 @@ class ModelSpec:
             use_rslora=config.lora.use_rslora,
             freeze_lora_a=LORA_AGGREGATIONS[config.strategy.lora].freezes_a,
             finetuning=config.model.finetuning,
+            task=config.model.task,
         )
 
 
@@ -84,6 +89,8 @@ def resolve_model_path(name: str) -> str:
     """Map ``model.name`` to something ``from_pretrained`` loads without a network."""
     if name in MODELS:
         return str(MODELS[name].path())
+    if name in GGUF_MODELS:
+        return str(cached_copy(GGUF_MODELS[name].path(), name))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -94,23 +101,28 @@ def resolve_model_path(name: str) -> str:
     return name  # a hub id; transformers resolves it from the local cache when offline
 
 
-def load_base_model(name: str, num_labels: int) -> torch.nn.Module:
-    """The pretrained encoder with a fresh classification head of ``num_labels``."""
+def load_base_model(name: str, num_labels: int, task: str = "classification") -> torch.nn.Module:
+    """The pretrained model for ``task``: with a fresh classification head of
+    ``num_labels``, or a causal LM as it was released."""
     path = resolve_model_path(name)
     # A newly initialised head and per-layer loading bars are expected, not news.
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        return TASK_TYPES[task].load_pretrained(path, num_labels)
     except OSError as err:
         raise ModelNotFoundError(
             f"cannot load model '{name}': {err}. Use a built-in alias "
-            f"({', '.join(MODELS)}), a local model folder, or a hub id already in the cache"
+            f"({', '.join(MODELS | GGUF_MODELS)}), a local model folder, or a hub id "
+            "already in the cache"
         ) from err
 
 
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+def load_tokenizer(name: str, task: str = "classification") -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with what ``task`` needs filled in (chat template, pad)."""
+    return TASK_TYPES[task].prepare_tokenizer(
+        AutoTokenizer.from_pretrained(resolve_model_path(name))
+    )
 
 
 def build_model(spec: ModelSpec) -> torch.nn.Module:
@@ -118,11 +130,11 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
     base with only the target modules and the head trainable. Seeded, so every
     process starts from the same initialisation."""
     torch.manual_seed(spec.seed)
-    base = load_base_model(spec.name, spec.num_labels)
+    base = load_base_model(spec.name, spec.num_labels, spec.task)
     if spec.finetuning == "full":
         return _full_finetuning(base, spec)
     lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=TASK_TYPES[spec.task].peft_task_type,
         r=spec.lora_r,
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.lora_dropout,
@@ -184,7 +196,7 @@ class BuiltModel:
 def cached_model(spec: ModelSpec) -> BuiltModel:
     """The process-wide model for ``spec``, built on first use."""
     model = build_model(spec)
-    return BuiltModel(model, load_tokenizer(spec.name), adapter_state(model))
+    return BuiltModel(model, load_tokenizer(spec.name, spec.task), adapter_state(model))
 
 
 def _adapter_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

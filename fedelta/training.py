@@ -1,6 +1,6 @@
-"""Local training and evaluation loops shared by clients, the server and baselines.
+"""The local training loop shared by clients and the centralised baseline.
 
-The loops are plain PyTorch over the model's trainable parameters so that a
+The loop is plain PyTorch over the model's trainable parameters so that a
 federated client costs the same as a bare peft + torch loop on the same data.
 """
 
@@ -14,7 +14,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 
 @dataclass(frozen=True)
@@ -22,13 +21,6 @@ class TrainResult:
     loss: float
     """Mean training loss over the steps taken."""
     steps: int
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    loss: float
-    accuracy: float
-    examples: int
 
 
 class StepHook(Protocol):
@@ -66,14 +58,17 @@ def train(
     proximal_mu: float = 0.0,
     anchor: Mapping[str, torch.Tensor] | None = None,
     hook: StepHook | None = None,
+    accumulation: int = 1,
 ) -> TrainResult:
-    """One AdamW step per batch on the trainable parameters.
+    """One AdamW step per ``accumulation`` batches on the trainable parameters.
 
     Federated clients start each round with a fresh optimizer (``optimizer=None``);
     a centralised run passes its own to keep the moments across calls. With
     ``proximal_mu > 0`` (FedProx) the loss gains ``mu/2 * ||w - anchor||^2`` over
     the trainable parameters named in ``anchor``; the reported loss excludes it.
     ``hook`` sees the parameters around every step (a sparse-training mask).
+    With ``accumulation > 1`` each step sums the gradients of that many batches
+    (each loss divided by ``accumulation``); a last incomplete group is a step too.
     """
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if optimizer is None:
@@ -84,26 +79,42 @@ def train(
         else []
     )
     model.train()
-    total_loss, steps = 0.0, 0
+    total_loss, batches_seen, steps = 0.0, 0, 0
+    pending = 0
+    optimizer.zero_grad(set_to_none=True)
     for batch in batches:
-        optimizer.zero_grad(set_to_none=True)
         loss = model(**batch).loss
         value = loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss became {value} at step {steps}")
         if pulled:
             loss = loss + proximal_mu / 2 * sum((p - a).pow(2).sum() for p, a in pulled)
-        loss.backward()
-        if hook is not None:
-            hook.before_step(named)
-        optimizer.step()
-        if hook is not None:
-            hook.after_step(named)
+        (loss / accumulation).backward()
         total_loss += value
+        batches_seen += 1
+        pending += 1
+        if pending == accumulation:
+            _step(optimizer, named, hook)
+            steps, pending = steps + 1, 0
+    if pending:
+        _step(optimizer, named, hook)
         steps += 1
     if steps == 0:
         raise ValueError("no batch to train on")
-    return TrainResult(loss=total_loss / steps, steps=steps)
+    return TrainResult(loss=total_loss / batches_seen, steps=steps)
+
+
+def _step(
+    optimizer: torch.optim.Optimizer,
+    named: Mapping[str, torch.nn.Parameter],
+    hook: StepHook | None,
+) -> None:
+    if hook is not None:
+        hook.before_step(named)
+    optimizer.step()
+    if hook is not None:
+        hook.after_step(named)
+    optimizer.zero_grad(set_to_none=True)
 
 
 def steps_for(num_examples: int, batch_size: int, local_epochs: int, local_steps: int) -> int:
@@ -111,19 +122,3 @@ def steps_for(num_examples: int, batch_size: int, local_epochs: int, local_steps
     if local_steps > 0:
         return local_steps
     return local_epochs * max(1, math.ceil(num_examples / batch_size))
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader) -> EvalResult:
-    """Mean cross-entropy and accuracy over every example in ``loader``."""
-    model.eval()
-    total_loss, correct, count = 0.0, 0, 0
-    for batch in loader:
-        out = model(**batch)
-        n = int(batch["labels"].shape[0])
-        total_loss += out.loss.item() * n
-        correct += int((out.logits.argmax(dim=-1) == batch["labels"]).sum())
-        count += n
-    if count == 0:
-        return EvalResult(loss=float("nan"), accuracy=float("nan"), examples=0)
-    return EvalResult(loss=total_loss / count, accuracy=correct / count, examples=count)

@@ -28,3 +28,81 @@ def tiny_config(tmp_path) -> RunConfig:
             "simulation.client-cpus": 2.0,
         }
     )
+
+
+def build_tiny_llama(folder) -> str:
+    """A randomly initialised 2-layer Llama with a byte-level BPE tokenizer trained on
+    the chatterbot corpus (no chat template: the ChatML fallback applies); saved as a
+    local Hugging Face folder, the way a user points model.name at their own model."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from fedelta.assets import CHAT_CORPORA
+    from fedelta.chat_data import read_chatterbot
+
+    chats = read_chatterbot(CHAT_CORPORA["chatterbot-english"].path())
+    texts = [m["content"] for messages in chats["messages"] for m in messages]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        # Embeddings large enough that adapters can move the logits within a few steps.
+        initializer_range=0.3,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """Path of a tiny random Llama folder (fast causal-LM tests)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def chat_config(tmp_path, tiny_llama) -> RunConfig:
+    """Causal-LM instruction tuning on the chatterbot corpus with the tiny Llama."""
+    return RunConfig.from_flat(
+        {
+            "num-server-rounds": 2,
+            "local-steps": 4,
+            "batch-size": 8,
+            "lr": 1e-2,
+            "fraction-evaluate": 0.0,
+            "output-dir": str(tmp_path / "run"),
+            "model.name": tiny_llama,
+            "model.task": "causal-lm",
+            "model.max-length": 64,
+            "lora.target-modules": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+            "data.name": "chatterbot-english",
+            "data.partitioner": "topic",
+            "data.test-size": 64,
+            "generation.num-prompts": 2,
+            "generation.max-new-tokens": 8,
+            "simulation.num-supernodes": 3,
+            "simulation.client-cpus": 2.0,
+        }
+    )

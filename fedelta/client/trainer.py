@@ -24,14 +24,7 @@ from flwr.app import ArrayRecord
 from fedelta.client.view import load_client_view
 from fedelta.compression import ClientMemory, UplinkCompression
 from fedelta.config import RunConfig
-from fedelta.data import (
-    ClientData,
-    cycle,
-    label_names,
-    load_client_data,
-    load_site_data,
-    make_loader,
-)
+from fedelta.data import ClientData, cycle, label_names, load_client_data, load_site_data
 from fedelta.lora import B_SUFFIX, rank_layout
 from fedelta.models import (
     ModelSpec,
@@ -42,15 +35,8 @@ from fedelta.models import (
 )
 from fedelta.protocol import Site
 from fedelta.strategies import build_lora_aggregation
-from fedelta.training import (
-    EvalResult,
-    TrainResult,
-    derive_seed,
-    evaluate,
-    seed_everything,
-    steps_for,
-    train,
-)
+from fedelta.tasks import EvalResult, build_task
+from fedelta.training import TrainResult, derive_seed, seed_everything, steps_for, train
 
 
 @dataclass(frozen=True)
@@ -73,10 +59,7 @@ class ClientTrainer:
         self.rank = site.rank(config)
         self.rule = build_lora_aggregation(config)
         self.compression = UplinkCompression(config.compression, config.seed)
-        num_labels = len(label_names(config.data, config.seed))
-        built = cached_model(ModelSpec.from_config(config, num_labels, self.rank))
-        self.model, self.tokenizer = built.model, built.tokenizer
-        self.initial_state = built.initial_state
+        self.task = build_task(config)
         self.data: ClientData
         if site.data_path:
             self.data = load_site_data(site.data_path, config.data, config.seed + site.partition_id)
@@ -84,6 +67,11 @@ class ClientTrainer:
             self.data = load_client_data(
                 config.data, config.seed, site.num_partitions, site.partition_id
             )
+        self.task.check_data(self.data.train, f"the data of site '{site.name}'")
+        num_labels = len(label_names(config.data, config.seed))
+        built = cached_model(ModelSpec.from_config(config, num_labels, self.rank))
+        self.model, self.tokenizer = built.model, built.tokenizer
+        self.initial_state = built.initial_state
 
     @property
     def global_layout(self) -> dict[str, tuple[int, ...]]:
@@ -130,10 +118,13 @@ class ClientTrainer:
         memory = memory if memory is not None else ClientMemory()
         seed = derive_seed(cfg.seed, server_round, self.site.partition_id)
         seed_everything(seed)
-        loader = make_loader(
-            self.data.train, self.tokenizer, cfg.model.max_length, cfg.batch_size, True, seed
+        loader = self.task.make_loader(
+            self.data.train, self.tokenizer, cfg.batch_size, train=True, seed=seed
         )
-        steps = steps_for(len(self.data.train), cfg.batch_size, cfg.local_epochs, cfg.local_steps)
+        accumulation = cfg.gradient_accumulation_steps
+        steps = steps_for(
+            len(self.data.train), cfg.batch_size * accumulation, cfg.local_epochs, cfg.local_steps
+        )
         exchanged = {k for k in start if self.rule.exchanged(k)}
         sent = sorted(self.compression.uplink_names(exchanged, server_round))
         site_seed = derive_seed(seed, zlib.crc32(self.site.name.encode()))
@@ -143,12 +134,13 @@ class ClientTrainer:
         with _frozen(self.model, exchanged - set(sent)):
             result = train(
                 self.model,
-                cycle(loader, steps),
+                cycle(loader, steps * accumulation),
                 lr=cfg.lr,
                 weight_decay=cfg.weight_decay,
                 proximal_mu=proximal_mu,
                 anchor=start,
                 hook=mask,
+                accumulation=accumulation,
             )
         trained = adapter_state(self.model)
         delta = {k: trained[k] - start[k] for k in sent}
@@ -158,10 +150,10 @@ class ClientTrainer:
 
     def evaluate(self) -> EvalResult:
         """Evaluate the model loaded by :meth:`receive` on the local validation split."""
-        loader = make_loader(
-            self.data.validation, self.tokenizer, self.config.model.max_length, 64, False
+        loader = self.task.make_loader(
+            self.data.validation, self.tokenizer, self.task.eval_batch_size, train=False
         )
-        return evaluate(self.model, loader)
+        return self.task.evaluate(self.model, loader)
 
 
 @contextlib.contextmanager

@@ -7,12 +7,10 @@ from collections.abc import Mapping
 import torch
 
 from fedelta.config import RunConfig
-from fedelta.data import label_names, load_corpus, make_loader
+from fedelta.data import label_names, load_corpus
 from fedelta.lora import FOLD_PREFIX, apply_fold
 from fedelta.models import ModelSpec, adapter_layout, cached_model, load_adapter_state
-from fedelta.training import EvalResult, evaluate
-
-EVAL_BATCH_SIZE = 64
+from fedelta.tasks import EvalResult, build_task
 
 
 class CentralEvaluator:
@@ -22,6 +20,7 @@ class CentralEvaluator:
     data at all (a deployment whose data lives only at the sites)."""
 
     def __init__(self, config: RunConfig) -> None:
+        self.task = build_task(config)
         self.label_names = label_names(config.data, config.seed)
         self.spec = ModelSpec.from_config(config, len(self.label_names))
         built = cached_model(self.spec)
@@ -34,15 +33,16 @@ class CentralEvaluator:
         self.loader = None
         if config.central_evaluation:
             test = load_corpus(config.data, config.seed).test
-            self.loader = make_loader(
-                test, self.tokenizer, config.model.max_length, EVAL_BATCH_SIZE, False
+            self.task.check_data(test, f"data '{config.data.name}'")
+            self.loader = self.task.make_loader(
+                test, self.tokenizer, self.task.eval_batch_size, train=False
             )
 
     def __call__(self, global_state: Mapping[str, torch.Tensor]) -> EvalResult:
         if self.loader is None:
             raise RuntimeError("central evaluation is off (central-evaluation = false)")
         load_global_state(self.model, global_state)
-        return evaluate(self.model, self.loader)
+        return self.task.evaluate(self.model, self.loader)
 
 
 def load_global_state(model: torch.nn.Module, global_state: Mapping[str, torch.Tensor]) -> None:

@@ -1,8 +1,9 @@
 """Export the global adapter in PEFT format, and optionally a merged full model.
 
 ``OUT/adapter/`` loads with ``PeftModel.from_pretrained(base, OUT/adapter)`` where
-``base`` is the model named in ``adapter_config.json`` with a classification head
-of ``len(labels)`` outputs; ``fedelta.json`` beside it records those labels.
+``base`` is the model named in ``adapter_config.json`` (for classification with a
+head of ``len(labels)`` outputs); ``fedelta.json`` beside it records the task,
+the labels and the base model's name.
 Strategies that fold updates into the base weights (FedEx-LoRA, FLoRA) also write
 ``base_corrections.safetensors``: :func:`load_exported` and the merged export
 apply it; a bare ``PeftModel.from_pretrained`` would miss it, and says nothing.
@@ -42,13 +43,14 @@ def export_adapter(
     label_names: Sequence[str],
     model_name: str,
     out_dir: Path,
+    task: str = "classification",
 ) -> Path:
     """Write the adapter (LoRA factors and head) with its labels and base model name,
     and the base-weight corrections of folding strategies. A fully fine-tuned model
     (no adapter) is written whole, as a Transformers model folder."""
     load_global_state(model, global_state)
     model.save_pretrained(str(out_dir))
-    info = {"base-model": model_name, "labels": list(label_names)}
+    info = {"base-model": model_name, "task": task, "labels": list(label_names)}
     if not isinstance(model, PeftModel):
         info["finetuning"] = "full"
     folds = {
@@ -75,6 +77,7 @@ def export_checkpoint(run_dir: Path) -> Path:
         corpus.label_names,
         config.model.name,
         run_dir / ADAPTER_DIR,
+        task=config.model.task,
     )
 
 
@@ -85,11 +88,13 @@ def load_exported(adapter_dir: Path) -> torch.nn.Module:
     if not info_path.is_file():
         raise FileNotFoundError(f"'{adapter_dir}' has no {INFO_FILE}; is it a fedelta adapter?")
     info = json.loads(info_path.read_text(encoding="utf-8"))
+    task, labels = info.get("task", "classification"), info["labels"]
     if info.get("finetuning") == "full":
-        return load_base_model(str(adapter_dir), len(info["labels"]))
-    base = load_base_model(info["base-model"], len(info["labels"]))
-    base.config.id2label = dict(enumerate(info["labels"]))
-    base.config.label2id = {name: i for i, name in enumerate(info["labels"])}
+        return load_base_model(str(adapter_dir), len(labels), task)
+    base = load_base_model(info["base-model"], len(labels), task)
+    if labels:
+        base.config.id2label = dict(enumerate(labels))
+        base.config.label2id = {name: i for i, name in enumerate(labels)}
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     if "base-corrections" in info:
         apply_fold(model, load_file(str(adapter_dir / info["base-corrections"])))
@@ -103,5 +108,7 @@ def export_merged(adapter_dir: Path, out_dir: Path) -> Path:
         model = model.merge_and_unload()
     model.save_pretrained(str(out_dir))
     info = json.loads((adapter_dir / INFO_FILE).read_text(encoding="utf-8"))
-    load_tokenizer(info["base-model"]).save_pretrained(str(out_dir))
+    load_tokenizer(info["base-model"], info.get("task", "classification")).save_pretrained(
+        str(out_dir)
+    )
     return out_dir

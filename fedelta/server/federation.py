@@ -26,16 +26,18 @@ from tqdm.auto import tqdm
 from fedelta import deltas, protocol
 from fedelta.compression import UplinkCompression
 from fedelta.config import RUN_CONFIG_FILE, ConfigError, RunConfig, load_config
-from fedelta.data import label_names
+from fedelta.data import label_names, load_corpus
 from fedelta.server.checkpoint import FILENAME as CHECKPOINT_FILE
 from fedelta.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedelta.server.evaluation import CentralEvaluator
 from fedelta.server.export import ADAPTER_DIR, export_adapter
+from fedelta.server.generations import generate_report, write_generations
 from fedelta.server.ledger import message_bytes
 from fedelta.server.metrics import MetricsLog, format_table, summarise, write_summary
 from fedelta.server.sampling import sample_sites
 from fedelta.server.validation import read_update
 from fedelta.strategies import EmptyRoundError, Strategy, build_strategy
+from fedelta.tasks import EvalResult, build_task
 
 log = logging.getLogger("fedelta")
 
@@ -80,6 +82,7 @@ class Federation:
         self.refused: set[int] = set()
         """Nodes whose site config this run cannot use (reported once)."""
         self.compression = UplinkCompression(self.config.compression, self.config.seed)
+        self.task = build_task(self.config)
         self._down: dict[int, int] = {}
         self._up: dict[int, int] = {}
         """Serialized bytes sent to and received from each node this round."""
@@ -126,11 +129,19 @@ class Federation:
             evaluator.label_names,
             self.config.model.name,
             self.run_dir / ADAPTER_DIR,
+            task=self.config.model.task,
         )
         rows = self.metrics.rows()
         summary = summarise(rows, time.monotonic() - started)
         summary["adapter"] = str(self.run_dir / ADAPTER_DIR)
         summary["strategy"] = getattr(self.strategy, "name", type(self.strategy).__name__)
+        generation = self.config.generation
+        if self.config.model.task == "causal-lm" and (
+            generation.num_prompts or generation.prompt_list()
+        ):
+            test = load_corpus(self.config.data, self.config.seed).test
+            summary["generations"] = generate_report(evaluator, generation, test, global_state)
+            write_generations(self.run_dir, summary["generations"])
         write_summary(self.run_dir, summary)
         if self.progress:
             print(format_table(rows), flush=True)
@@ -181,8 +192,7 @@ class Federation:
     ) -> dict[str, float]:
         if not self.config.central_evaluation:
             return {}
-        result = evaluator(global_state)
-        return {"test-accuracy": result.accuracy, "test-loss": result.loss}
+        return self.task.metrics(evaluator(global_state), "test")
 
     def _complete_round(
         self,
@@ -378,7 +388,7 @@ class Federation:
             )
             for s in sites
         ]
-        loss_sum = correct = count = 0.0
+        loss_sum = correct = count = 0
         for node_id, reply in self._exchange(messages, self._timeout()):
             if reply is None or reply.has_error():
                 log.warning("round %d: evaluation on %s failed", server_round, available[node_id])
@@ -393,8 +403,10 @@ class Federation:
             correct += metrics["eval-accuracy"] * n
             count += n
         if count == 0:
-            return {"federated-accuracy": None, "federated-loss": None}
-        return {"federated-accuracy": correct / count, "federated-loss": loss_sum / count}
+            nothing = EvalResult(loss=math.nan, accuracy=math.nan, examples=0)
+            return dict.fromkeys(self.task.metrics(nothing, "federated"))
+        result = EvalResult(loss=loss_sum / count, accuracy=correct / count, examples=count)
+        return self.task.metrics(result, "federated")
 
     # -- messaging ---------------------------------------------------------------------
     def _global_records(
@@ -460,7 +472,7 @@ class Federation:
 def _with_label_names(config: RunConfig) -> RunConfig:
     """``config`` with ``data.labels`` filled in from the server's corpus, so sites that
     train on their own files give each label the same class id as the server."""
-    if config.data.labels:
+    if config.data.labels or config.model.task != "classification":
         return config
     names = label_names(config.data, config.seed)
     if any("," in name for name in names):
@@ -483,5 +495,10 @@ def _check_clients_match(strategy: Strategy, config: RunConfig) -> None:
 
 
 def _postfix(row: Mapping[str, Any]) -> dict[str, str]:
-    shown = {"test-accuracy": "acc", "test-loss": "loss", "train-loss": "train"}
+    shown = {
+        "test-accuracy": "acc",
+        "test-perplexity": "ppl",
+        "test-loss": "loss",
+        "train-loss": "train",
+    }
     return {short: f"{row[key]:.4f}" for key, short in shown.items() if row.get(key) is not None}

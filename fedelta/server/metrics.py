@@ -57,11 +57,23 @@ def summarise(rows: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]
     with_acc = [r for r in rows if r.get("test-accuracy") is not None]
     bytes_up = sum(r.get("bytes-up", 0) for r in rows)
     dense_up = sum(r.get("dense-fp32-bytes-up", 0) for r in rows)
-    return {
-        "rounds": len(trained),
+    quality: dict[str, Any] = {
         "final-test-accuracy": last.get("test-accuracy"),
         "final-test-loss": last.get("test-loss"),
         "best-test-accuracy": max((r["test-accuracy"] for r in with_acc), default=None),
+    }
+    if any("test-perplexity" in r for r in rows):  # causal LM: lower is better
+        ppl = [r["test-perplexity"] for r in rows if r.get("test-perplexity") is not None]
+        quality = {
+            "initial-test-perplexity": rows[0].get("test-perplexity"),
+            "final-test-perplexity": last.get("test-perplexity"),
+            "best-test-perplexity": min(ppl, default=None),
+            "final-test-loss": last.get("test-loss"),
+            "final-test-token-accuracy": last.get("test-token-accuracy"),
+        }
+    return {
+        "rounds": len(trained),
+        **quality,
         "total-bytes-down": sum(r.get("bytes-down", 0) for r in rows),
         "total-bytes-up": bytes_up,
         "uplink-reduction": round(dense_up / bytes_up, 2) if bytes_up else None,
@@ -108,13 +120,23 @@ def format_traffic(summary: Mapping[str, Any]) -> str:
 
 
 def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
-    """A fixed-width per-round table for the console."""
+    """A fixed-width per-round table for the console (perplexities for a causal LM)."""
+    rows = list(rows)
+    causal = any("test-perplexity" in r or "federated-perplexity" in r for r in rows)
+    quality = (
+        ("test-perplexity", "federated-perplexity")
+        if causal
+        else (
+            "test-accuracy",
+            "federated-accuracy",
+        )
+    )
     header = (
         "round",
-        "test acc",
+        "test ppl" if causal else "test acc",
         "test loss",
         "train loss",
-        "fed acc",
+        "fed ppl" if causal else "fed acc",
         "clients",
         "down",
         "up",
@@ -125,10 +147,10 @@ def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
         lines.append(
             (
                 str(r["round"]),
-                _num(r.get("test-accuracy"), 4),
+                _num(r.get(quality[0]), 4),
                 _num(r.get("test-loss"), 4),
                 _num(r.get("train-loss"), 4),
-                _num(r.get("federated-accuracy"), 4),
+                _num(r.get(quality[1]), 4),
                 f"{r['clients-replied']}/{r['clients-sampled']}" if "clients-sampled" in r else "-",
                 format_bytes(r["bytes-down"]) if "bytes-down" in r else "-",
                 format_bytes(r["bytes-up"]) if "bytes-up" in r else "-",

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from fedelta.config import RunConfig
-from fedelta.data import cycle, load_corpus, make_loader
+from fedelta.data import cycle, load_corpus
 from fedelta.models import ModelSpec, build_model, load_tokenizer
-from fedelta.server.evaluation import EVAL_BATCH_SIZE
 from fedelta.server.sampling import sample_size
-from fedelta.training import evaluate, seed_everything, train
+from fedelta.tasks import build_task
+from fedelta.training import seed_everything, train
 
 
 def federated_step_budget(config: RunConfig) -> int:
@@ -41,28 +41,32 @@ def train_centralised(
         raise ValueError("the centralised baseline needs local-steps > 0 to size its budget")
     corpus = load_corpus(config.data, config.seed)
     spec = ModelSpec.from_config(config, corpus.num_labels)
-    model, tokenizer = build_model(spec), load_tokenizer(config.model.name)
+    task = build_task(config)
+    model, tokenizer = build_model(spec), load_tokenizer(config.model.name, config.model.task)
     seed_everything(config.seed)
-    train_loader = make_loader(
-        corpus.pool, tokenizer, config.model.max_length, config.batch_size, True, config.seed
+    train_loader = task.make_loader(
+        corpus.pool, tokenizer, config.batch_size, train=True, seed=config.seed
     )
-    test_loader = make_loader(
-        corpus.test, tokenizer, config.model.max_length, EVAL_BATCH_SIZE, False
-    )
+    test_loader = task.make_loader(corpus.test, tokenizer, task.eval_batch_size, train=False)
+    accumulation = config.gradient_accumulation_steps
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    stream = cycle(train_loader, steps)
+    stream = cycle(train_loader, steps * accumulation)
     rows: list[dict[str, Any]] = []
     done, started = 0, time.monotonic()
     while done < steps:
         chunk = min(eval_every, steps - done)
-        result = train(model, itertools.islice(stream, chunk), lr=config.lr, optimizer=optimizer)
+        result = train(
+            model,
+            itertools.islice(stream, chunk * accumulation),
+            lr=config.lr,
+            optimizer=optimizer,
+            accumulation=accumulation,
+        )
         done += chunk
-        ev = evaluate(model, test_loader)
         row = {
             "step": done,
-            "test-accuracy": ev.accuracy,
-            "test-loss": ev.loss,
+            **task.metrics(task.evaluate(model, test_loader), "test"),
             "train-loss": result.loss,
             "wall-seconds": round(time.monotonic() - started, 2),
         }

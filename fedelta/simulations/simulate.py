@@ -25,6 +25,7 @@ from fedelta.models import ModelSpec, cached_model, resolve_model_path
 from fedelta.server.app import make_server_app, run_dir_for
 from fedelta.server.metrics import SUMMARY_FILE, MetricsLog, write_summary
 from fedelta.strategies import Strategy
+from fedelta.tasks import build_task
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ def preflight(config: RunConfig) -> None:
     """Fail before Ray starts if the model, the data or the partitioning cannot work."""
     resolve_model_path(config.model.name)  # even when this process has the model cached
     corpus = load_corpus(config.data, config.seed)
+    task = build_task(config)
+    task.check_data(corpus.test, f"data '{config.data.name}'")
     load_client_data(config.data, config.seed, config.simulation.num_supernodes, 0)
     # Also checks that lora.target-modules fit the model; the server reuses this build.
     cached_model(ModelSpec.from_config(config, corpus.num_labels))
