@@ -280,9 +280,8 @@ def test_chat_federation_lowers_held_out_loss_and_reports_answers(chat_config):
     config = chat_config.replace(
         **{
             "local-steps": 8,
-            "strategy.lora": "ffa",
             "compression.sparsity": "top-k",
-            "compression.density": 0.1,
+            "compression.density": 0.2,
             "compression.quantization": "int8",
             "data.packing": True,
         }
@@ -308,7 +307,7 @@ def test_chat_federation_lowers_held_out_loss_and_reports_answers(chat_config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", ["fedsa", "fedex"])  # local B; folds into base weights
+@pytest.mark.parametrize("rule", ["ffa", "fedsa", "fedex"])  # fixed A, local B, folds
 def test_every_lora_rule_runs_on_the_chat_path(chat_config, rule):
     from fedelta.simulations import simulate
 
