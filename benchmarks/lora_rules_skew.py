@@ -16,11 +16,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fedelta.client.trainer import ClientTrainer  # noqa: E402
 from fedelta.config import RunConfig  # noqa: E402
-from fedelta.protocol import Site  # noqa: E402
-from fedelta.server.evaluation import CentralEvaluator  # noqa: E402
-from fedelta.strategies import build_strategy  # noqa: E402
+from fedelta.simulations.in_process import federate  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CLIENTS, ROUNDS = 4, 2
@@ -34,25 +31,11 @@ def run(partitioner: str, rule: str) -> list[tuple[float, float]]:
             "data.partitioner": partitioner,
             "simulation.num-supernodes": CLIENTS,
             "strategy.lora": rule,
+            "num-server-rounds": ROUNDS,
         }
     )
-    strategy = build_strategy(config)
-    evaluator = CentralEvaluator(config)
-    state = strategy.initial_state(evaluator.initial_state)
-    sites = [Site(i, CLIENTS, f"client-{i}") for i in range(CLIENTS)]
-    curve = []
-    for server_round in range(1, ROUNDS + 1):
-        strategy.begin_round(server_round, state, [s.rank(config) for s in sites])
-        adapter, fold = strategy.downlink(state)
-        for site in sites:
-            trainer = ClientTrainer(config, site)
-            out = trainer.fit(trainer.receive(adapter, fold, {}), server_round)
-            delta = trainer.compression.decode(out.upload, trainer.uplink_layout, server_round)
-            strategy.accumulate(delta, len(trainer.data.train), trainer.rank)
-        state = strategy.finish_round(state)
-        result = evaluator(state)
-        curve.append((result.accuracy, result.loss))
-        print(partitioner, rule, server_round, curve[-1], flush=True)
+    done = federate(config, on_round=lambda row: print(partitioner, rule, row, flush=True))
+    curve = [(r["test-accuracy"], r["test-loss"]) for r in done.rows[1:]]
     return curve
 
 

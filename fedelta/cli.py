@@ -1,5 +1,6 @@
-"""The ``fedelta`` command line: simulate, resume, export, the centralised baseline, and
-the commands that stand up a secured multi-site deployment."""
+"""The ``fedelta`` command line: simulate, resume, export, the centralised baseline,
+merging and delta transfer, and the commands that stand up a secured multi-site
+deployment."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from fedelta import __version__, deployment
 from fedelta.assets import AssetNotInstalledError
 from fedelta.config import RUN_CONFIG_FILE, ConfigError, RunConfig, load_config
 from fedelta.data import DataError
+from fedelta.merging.layers import UnknownLayerError
+from fedelta.merging.task_vectors import TaskVectorError
 from fedelta.models import ModelNotFoundError
 from fedelta.privacy.certs import CertificateError
 from fedelta.protocol import NodeConfigError
@@ -32,6 +35,8 @@ USER_ERRORS = (
     CertificateError,
     deployment.DeploymentError,
     ShortRoundError,
+    TaskVectorError,
+    UnknownLayerError,
 )
 """Errors caused by what the user asked for: printed as one line, no traceback."""
 
@@ -79,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue RUN_DIR from its last completed round",
     )
+    sim.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="DIR",
+        help="start from this model folder (e.g. `fedelta transfer` output) or merged "
+        "adapter instead of model.name",
+    )
     _add_set(sim)
     sim.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar or table")
@@ -109,6 +121,32 @@ def _parser() -> argparse.ArgumentParser:
     cen.add_argument("--eval-every", type=int, default=100)
     cen.add_argument("--out", type=Path, help="write the rows as JSON lines here")
     cen.set_defaults(command=_centralised)
+
+    merge = sub.add_parser(
+        "merge", help="merge saved adapters or delta files (TIES, DARE, task arithmetic, ...)"
+    )
+    merge.add_argument("inputs", type=Path, nargs="+", metavar="INPUT")
+    merge.add_argument("--method", required=True, help="task-arithmetic, ties, dare-linear, ...")
+    merge.add_argument("--weights", type=float, nargs="+", help="one per input")
+    merge.add_argument("--density", type=float, default=1.0, help="share of entries kept")
+    merge.add_argument("--seed", type=int, default=0, help="DARE's random drops")
+    merge.add_argument(
+        "--lora-mode",
+        choices=("product", "factors"),
+        default="product",
+        help="adapters: merge each module's B@A into a model folder, or A and B separately",
+    )
+    merge.add_argument("--out", type=Path, required=True)
+    merge.set_defaults(command=_merge)
+
+    tra = sub.add_parser(
+        "transfer", help="apply a delta learned on one base-model version to another"
+    )
+    tra.add_argument("--delta", type=Path, required=True, metavar="RUN_OR_ADAPTER")
+    tra.add_argument("--from", dest="base_from", required=True, metavar="BASE_V1")
+    tra.add_argument("--to", dest="base_to", required=True, metavar="BASE_V2")
+    tra.add_argument("--out", type=Path, required=True)
+    tra.set_defaults(command=_transfer)
     _add_deployment_commands(sub)
     return parser
 
@@ -210,6 +248,11 @@ def _simulate(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         if args.out:
             config = config.replace(output_dir=str(args.out))
+        if args.init_from:
+            from fedelta.server.app import run_dir_for
+
+            config = config.replace(output_dir=str(run_dir_for(config)))
+            config = config.replace(**{"model.name": str(_init_model(args.init_from, config))})
     from fedelta.server.generations import GENERATIONS_FILE
     from fedelta.server.metrics import format_traffic
 
@@ -218,6 +261,46 @@ def _simulate(args: argparse.Namespace) -> int:
     print(format_traffic(result.summary))
     if "generations" in result.summary:
         print(f"sample answers before and after: {result.run_dir / GENERATIONS_FILE}")
+    return 0
+
+
+def _init_model(source: Path, config: RunConfig) -> Path:
+    """The model folder a federation starts from: ``source`` itself, or an exported
+    adapter merged into its base (written next to the run)."""
+    from fedelta.server.export import export_merged
+
+    if (source / "adapter_config.json").is_file():
+        return export_merged(source, Path(config.output_dir) / "init-model")
+    if not (source / "config.json").is_file():
+        raise ConfigError(
+            f"--init-from '{source}' is neither a model folder (config.json) nor an "
+            "exported adapter (adapter_config.json)"
+        )
+    return source
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from fedelta.merging.saved import merge_saved
+
+    out = merge_saved(
+        args.inputs,
+        args.out,
+        args.method,
+        weights=args.weights,
+        density=args.density,
+        seed=args.seed,
+        lora_mode=args.lora_mode,
+    )
+    print(f"merged {len(args.inputs)} inputs with {args.method}: {out}")
+    return 0
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    from fedelta.merging.transfer import format_shifts, transfer
+
+    report = transfer(args.delta, args.base_from, args.base_to, args.out)
+    print(format_shifts(report))
+    print(f"transferred model: {args.out} (diagnostic: {args.out / 'transfer.json'})")
     return 0
 
 

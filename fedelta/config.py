@@ -133,7 +133,10 @@ class StrategyConfig:
     lora: str = "naive"
     """LoRA aggregation: naive, ffa, fedsa, fedex or flora."""
     robust: str = "mean"
-    """Combination of client updates: mean, median, trimmed-mean, krum or multi-krum."""
+    """Combination of client updates: mean, median, trimmed-mean, krum, multi-krum, or a
+    merge operator: ties, dare-ties, dare-linear or magnitude-prune."""
+    merge_density: float = 0.2
+    """Merge operators: share of each client's entries kept (TIES trim, DARE keep rate)."""
     clip_norm: float = 0.0
     """Norm bounding: scale each client's update to at most this L2 norm (0: off)."""
     server_lr: float = 0.0
@@ -200,6 +203,27 @@ class CompressionConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Which model a run exports (``[export]``): the last global model, or a merge of
+    the global deltas of all rounds."""
+
+    merge: str = "none"
+    """``none`` (the last round's model), a merge operator over the round deltas
+    (``task-arithmetic``, ``ties``, ``dare-ties``, ``dare-linear``,
+    ``magnitude-prune``), ``ema`` (exponential moving average of the global models)
+    or ``lines`` (the final delta scaled by depth)."""
+    density: float = 0.2
+    """Merge operators: share of each round delta's entries kept."""
+    scale: float = 1.0
+    """Merge operators: the merged delta is multiplied by this (task arithmetic's lambda)."""
+    ema_decay: float = 0.5
+    """ema: weight of the average so far against each new global model."""
+    lines_alpha: float = 0.5
+    lines_beta: float = 0.5
+    """lines: the delta of block l of L is scaled by alpha + beta * (l - 1) / (L - 1)."""
+
+
+@dataclass
 class SimulationConfig:
     """Settings for ``fedelta simulate`` only (``[simulation]``)."""
 
@@ -251,6 +275,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     # -- conversions -------------------------------------------------------------
@@ -331,6 +356,13 @@ class RunConfig:
             ("strategy.byzantine", self.strategy.byzantine >= 0, "must be >= 0"),
             ("strategy.krum-keep", self.strategy.krum_keep >= 0, "must be >= 0"),
             ("strategy.fold-rank", self.strategy.fold_rank >= 0, "must be >= 0"),
+            (
+                "strategy.merge-density",
+                0.0 < self.strategy.merge_density <= 1.0,
+                "must be in (0, 1]",
+            ),
+            ("export.density", 0.0 < self.export.density <= 1.0, "must be in (0, 1]"),
+            ("export.ema-decay", 0.0 <= self.export.ema_decay < 1.0, "must be in [0, 1)"),
             ("data.test-size", self.data.test_size >= 1, "must be >= 1"),
             ("data.dirichlet-alpha", self.data.dirichlet_alpha > 0.0, "must be > 0"),
             (
@@ -360,6 +392,7 @@ class RunConfig:
             if not ok:
                 raise ConfigError(f"config key '{key}' {why} (got {self._get(key)!r})")
         from fedelta.compression import CODECS, SPARSITY
+        from fedelta.merging import AGGREGATION_MERGES, EXPORT_MERGES
         from fedelta.strategies import AGGREGATORS, LORA_AGGREGATIONS, OPTIMIZERS
 
         choices = {
@@ -367,7 +400,8 @@ class RunConfig:
             "data.partitioner": ("iid", "dirichlet", "topic"),
             "strategy.name": tuple(OPTIMIZERS),
             "strategy.lora": tuple(LORA_AGGREGATIONS),
-            "strategy.robust": tuple(AGGREGATORS),
+            "strategy.robust": tuple(AGGREGATORS) + AGGREGATION_MERGES,
+            "export.merge": EXPORT_MERGES,
             "strategy.rank-projection": ("truncate", "svd"),
             "model.finetuning": ("lora", "full"),
             "model.task": TASKS,

@@ -187,7 +187,6 @@ def test_a_short_round_is_retried_then_skipped_never_averaged(tiny_config, tmp_p
 
 def test_exact_aggregation_with_heterogeneous_ranks_exports_the_global_model(tiny_config):
     from fedelta.server.evaluation import CentralEvaluator
-    from fedelta.training import evaluate
 
     config = tiny_config.replace(
         **{
@@ -207,7 +206,8 @@ def test_exact_aggregation_with_heterogeneous_ranks_exports_the_global_model(tin
     # The export (adapter + base corrections) is exactly the server's global model.
     exported = load_exported(result.adapter_dir)
     assert (result.adapter_dir / "base_corrections.safetensors").is_file()
-    accuracy = evaluate(exported, CentralEvaluator(config).loader).accuracy
+    evaluator = CentralEvaluator(config)
+    accuracy = evaluator.task.evaluate(exported, evaluator.loader).accuracy
     assert accuracy == last["test-accuracy"]
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from fedelta.config import RUN_CONFIG_FILE, load_config
 from fedelta.data import load_corpus
 from fedelta.lora import FOLD_PREFIX, apply_fold
+from fedelta.merging.rounds import merged_export
 from fedelta.models import (
     ModelSpec,
     build_model,
@@ -66,14 +67,18 @@ def export_adapter(
 
 
 def export_checkpoint(run_dir: Path) -> Path:
-    """Write ``RUN/adapter`` from the run's last checkpoint, also for an unfinished run."""
+    """Write ``RUN/adapter`` from the run's last checkpoint, also for an unfinished run
+    (merged across the rounds so far when ``export.merge`` asks for it)."""
     config = load_config(run_dir / RUN_CONFIG_FILE)
     checkpoint = load_checkpoint(run_dir)
     corpus = load_corpus(config.data, config.seed)
-    spec = ModelSpec.from_config(config, corpus.num_labels)
+    model = build_model(ModelSpec.from_config(config, corpus.num_labels))
+    state = checkpoint.global_state
+    if config.export.merge != "none":
+        state = merged_export(config.export, run_dir, checkpoint.server_round, model, config.seed)
     return export_adapter(
-        build_model(spec),
-        checkpoint.global_state,
+        model,
+        state,
         corpus.label_names,
         config.model.name,
         run_dir / ADAPTER_DIR,

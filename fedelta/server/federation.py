@@ -27,6 +27,7 @@ from fedelta import deltas, protocol
 from fedelta.compression import UplinkCompression
 from fedelta.config import RUN_CONFIG_FILE, ConfigError, RunConfig, load_config
 from fedelta.data import label_names, load_corpus
+from fedelta.merging.rounds import RoundStates, merged_export
 from fedelta.server.checkpoint import FILENAME as CHECKPOINT_FILE
 from fedelta.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedelta.server.evaluation import CentralEvaluator
@@ -83,6 +84,7 @@ class Federation:
         """Nodes whose site config this run cannot use (reported once)."""
         self.compression = UplinkCompression(self.config.compression, self.config.seed)
         self.task = build_task(self.config)
+        self.round_states = RoundStates(run_dir)
         self._down: dict[int, int] = {}
         self._up: dict[int, int] = {}
         """Serialized bytes sent to and received from each node this round."""
@@ -123,9 +125,10 @@ class Federation:
                 log.info("round %d: %s", server_round, _postfix(row))
         bar.close()
 
+        exported = self._exported_state(evaluator, global_state)
         export_adapter(
             evaluator.model,
-            global_state,
+            exported,
             evaluator.label_names,
             self.config.model.name,
             self.run_dir / ADAPTER_DIR,
@@ -135,12 +138,19 @@ class Federation:
         summary = summarise(rows, time.monotonic() - started)
         summary["adapter"] = str(self.run_dir / ADAPTER_DIR)
         summary["strategy"] = getattr(self.strategy, "name", type(self.strategy).__name__)
+        if exported is not global_state:
+            summary["export-merge"] = self.config.export.merge
+            if self.config.central_evaluation:
+                summary |= {
+                    f"exported-{k}": v
+                    for k, v in self.task.metrics(evaluator(exported), "test").items()
+                }
         generation = self.config.generation
         if self.config.model.task == "causal-lm" and (
             generation.num_prompts or generation.prompt_list()
         ):
             test = load_corpus(self.config.data, self.config.seed).test
-            summary["generations"] = generate_report(evaluator, generation, test, global_state)
+            summary["generations"] = generate_report(evaluator, generation, test, exported)
             write_generations(self.run_dir, summary["generations"])
         write_summary(self.run_dir, summary)
         if self.progress:
@@ -187,6 +197,20 @@ class Federation:
         self._complete_round(row, global_state, rng)
         return global_state, rng, 0
 
+    def _exported_state(
+        self, evaluator: CentralEvaluator, global_state: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The last global model, or the merge across rounds ``export.merge`` asks for."""
+        if self.config.export.merge == "none":
+            return global_state
+        return merged_export(
+            self.config.export,
+            self.run_dir,
+            self.config.num_server_rounds,
+            evaluator.model,
+            self.config.seed,
+        )
+
     def _evaluate_centrally(
         self, evaluator: CentralEvaluator, global_state: Mapping[str, torch.Tensor]
     ) -> dict[str, float]:
@@ -202,6 +226,8 @@ class Federation:
     ) -> None:
         """Record the round, then checkpoint it; a crash between the two is undone on resume."""
         self.metrics.append(row)
+        if self.config.export.merge != "none":
+            self.round_states.record(row["round"], global_state)
         tensors, meta = self.strategy.state_dict()
         state = dict(global_state)
         save_checkpoint(

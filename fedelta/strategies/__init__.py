@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from fedelta.config import RunConfig
 from fedelta.lora import RankScaling
+from fedelta.merging import AGGREGATION_MERGES
 from fedelta.strategies.aggregators import (
     AGGREGATORS,
     Aggregator,
     Krum,
     Mean,
+    MergeAggregator,
     MultiKrum,
     TrimmedMean,
 )
@@ -47,6 +49,8 @@ def build_optimizer(config: RunConfig) -> ServerOptimizer:
 def build_aggregator(config: RunConfig) -> Aggregator:
     """The combination rule ``strategy.robust`` selects."""
     s = config.strategy
+    if s.robust in AGGREGATION_MERGES:
+        return MergeAggregator(s.robust, s.merge_density, config.seed)
     cls = AGGREGATORS[s.robust]
     if cls is TrimmedMean:
         return TrimmedMean(s.trim_fraction)

@@ -6,6 +6,7 @@ update after it is formed, so they change none of these properties.
 
 from __future__ import annotations
 
+from fedelta.merging import AGGREGATION_MERGES, MERGE_METHODS
 from fedelta.strategies.aggregators import AGGREGATORS
 from fedelta.strategies.lora import LORA_AGGREGATIONS
 
@@ -48,6 +49,20 @@ def capability_matrix() -> list[dict[str, str | bool]]:
                 "heterogeneous-ranks": True,
                 "dp-friendly": True,
                 "streaming": aggregator.streaming,
+            }
+        )
+    for name in AGGREGATION_MERGES:
+        rows.append(
+            {
+                "kind": "strategy.robust",
+                "name": name,
+                "summary": MERGE_METHODS[name].summary,
+                # Each client's update is trimmed or dropped on its own: never a plain sum.
+                "exact": False,
+                "linear": False,
+                "heterogeneous-ranks": True,
+                "dp-friendly": True,
+                "streaming": False,
             }
         )
     return rows

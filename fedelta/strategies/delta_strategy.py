@@ -82,7 +82,7 @@ class DeltaStrategy(Strategy):
         ranks: Sequence[int] = (),
     ) -> None:
         self.lora.begin(server_round, global_state, ranks)
-        self.aggregator.begin()
+        self.aggregator.begin(server_round)
         self._clipped = self._received = 0
 
     def accumulate(self, delta: Delta, num_examples: int, rank: int | None = None) -> None:

@@ -1,9 +1,10 @@
-"""Ways to combine one round's client updates: the mean and robust rules."""
+"""Ways to combine one round's client updates: the mean, robust rules, merge operators."""
 
 from fedelta.strategies.aggregators.base import Aggregator, BufferedAggregator
 from fedelta.strategies.aggregators.krum import Krum, MultiKrum
 from fedelta.strategies.aggregators.mean import Mean
 from fedelta.strategies.aggregators.median import Median
+from fedelta.strategies.aggregators.merge import MergeAggregator
 from fedelta.strategies.aggregators.norm_bound import clip_to_norm, global_norm
 from fedelta.strategies.aggregators.trimmed_mean import TrimmedMean
 
@@ -18,6 +19,7 @@ __all__ = [
     "Krum",
     "Mean",
     "Median",
+    "MergeAggregator",
     "MultiKrum",
     "TrimmedMean",
     "clip_to_norm",

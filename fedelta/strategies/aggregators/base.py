@@ -31,8 +31,8 @@ class Aggregator(ABC):
     """Takes :class:`~fedelta.compression.SparseTensor` updates without densifying them."""
 
     @abstractmethod
-    def begin(self) -> None:
-        """Forget the previous round."""
+    def begin(self, server_round: int = 0) -> None:
+        """Forget the previous round; ``server_round`` is the one starting."""
 
     @abstractmethod
     def add(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
@@ -53,7 +53,7 @@ class BufferedAggregator(Aggregator):
         self.updates: list[TensorDict] = []
         self.weights: list[float] = []
 
-    def begin(self) -> None:
+    def begin(self, server_round: int = 0) -> None:
         self.updates, self.weights = [], []
 
     def add(self, update: Mapping[str, torch.Tensor], weight: float) -> None:

@@ -43,7 +43,7 @@ class Mean(Aggregator):
         self._coverage: TensorDict = {}
         self._weight = 0.0
 
-    def begin(self) -> None:
+    def begin(self, server_round: int = 0) -> None:
         self._sum, self._coverage, self._weight = {}, {}, 0.0
 
     def add(self, update: Mapping[str, torch.Tensor | SparseTensor], weight: float) -> None:
