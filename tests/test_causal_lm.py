@@ -271,6 +271,16 @@ def test_every_uplink_method_runs_on_the_chat_path(chat_config, overrides):
     assert sum(float(d.abs().sum()) for d in dense) > 0
 
 
+def test_one_process_federation_keeps_every_rounds_global_state(chat_config):
+    from fedelta.simulations import federate
+
+    run = federate(chat_config.replace(**{"local-steps": 3}))
+    assert [r["round"] for r in run.rows] == [0, 1, 2] and len(run.states) == 3
+    assert run.rows[2]["test-loss"] < run.rows[1]["test-loss"] < run.rows[0]["test-loss"]
+    b = next(k for k in run.states[0] if k.endswith("lora_B.default.weight"))
+    assert not run.states[0][b].any() and run.states[2][b].any()
+
+
 # -- federations -------------------------------------------------------------------------
 @pytest.mark.slow
 def test_chat_federation_lowers_held_out_loss_and_reports_answers(chat_config):
