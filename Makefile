@@ -36,6 +36,8 @@ bench: install
 	$(BIN)/python benchmarks/lora_rules_skew.py
 	$(BIN)/python benchmarks/byzantine.py
 	$(BIN)/python benchmarks/compression.py
+	$(BIN)/python benchmarks/merging_skew.py
+	$(BIN)/python benchmarks/transfer.py
 
 lint: install
 	$(BIN)/python -m pip install --quiet ruff
