@@ -267,9 +267,10 @@ def _simulate(args: argparse.Namespace) -> int:
 def _init_model(source: Path, config: RunConfig) -> Path:
     """The model folder a federation starts from: ``source`` itself, or an exported
     adapter merged into its base (written next to the run)."""
+    from fedelta.merging.task_vectors import is_adapter
     from fedelta.server.export import export_merged
 
-    if (source / "adapter_config.json").is_file():
+    if is_adapter(source):
         return export_merged(source, Path(config.output_dir) / "init-model")
     if not (source / "config.json").is_file():
         raise ConfigError(

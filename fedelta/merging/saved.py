@@ -118,6 +118,12 @@ def _merge_factors(
                     f"'{s}' has {key} = {c.get(key)!r}, '{sources[0]}' {configs[0].get(key)!r}: "
                     "factor-wise merging needs identical adapters; use the product mode"
                 )
+    for source in sources:
+        if read_info(source).get("base-corrections"):
+            raise TaskVectorError(
+                f"'{source}' carries base-weight corrections (FedEx-LoRA / FLoRA), which "
+                "factors cannot hold; merge it in the product mode"
+            )
     merged = merge_dicts(
         [load_file(str(s / ADAPTER_WEIGHTS)) for s in sources], method, weights, density, seed
     )
@@ -125,11 +131,6 @@ def _merge_factors(
     save_file({k: v.contiguous() for k, v in merged.items()}, str(out / ADAPTER_WEIGHTS))
     shutil.copy(sources[0] / ADAPTER_CONFIG, out / ADAPTER_CONFIG)
     info = read_info(sources[0])
-    if info.get("base-corrections"):
-        raise TaskVectorError(
-            f"'{sources[0]}' carries base-weight corrections (FedEx-LoRA / FLoRA); "
-            "merge it in the product mode"
-        )
     if info:
         (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return out
