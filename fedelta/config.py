@@ -224,6 +224,62 @@ class ExportConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy and secure aggregation (``[privacy]``).
+
+    Sample-level DP-SGD protects each training example at its site (Opacus, per-site
+    accountant). Client-level DP protects each site's whole contribution to a round
+    (clip the delta, add Gaussian noise at the server or on the clients). Secure
+    aggregation (SecAgg+) hides each site's upload from the server.
+    """
+
+    dp_sgd: bool = False
+    """Train every client with DP-SGD (per-example clipping and noise, Poisson sampling)."""
+    noise_multiplier: float = 0.0
+    """DP-SGD noise std over ``max-grad-norm``; 0 derives it per site from ``target-epsilon``."""
+    target_epsilon: float = 0.0
+    """DP-SGD: each site's privacy budget over the run. With ``noise-multiplier`` = 0 the
+    noise is chosen so that a site trained in every round ends at this epsilon; a site
+    whose next round would exceed it refuses to train. 0 (only with an explicit noise
+    multiplier): no limit, epsilon is reported only."""
+    max_grad_norm: float = 1.0
+    """DP-SGD: per-example gradient clipping norm."""
+    delta: float = 1e-5
+    """The delta of (epsilon, delta)-DP, for DP-SGD and client-level DP alike."""
+    client_dp: str = "none"
+    """Client-level DP on deltas: ``none``, ``central`` (the server clips each update and
+    noises the mean: a trusted server) or ``distributed`` (each client clips its delta
+    and adds its share of the noise; pair it with ``secure-aggregation``)."""
+    client_clip_norm: float = 0.1
+    """Client-level DP: L2 bound on each site's update (C)."""
+    client_noise_multiplier: float = 0.0
+    """Client-level DP: noise std on the sum of updates over C; 0 derives it from
+    ``client-target-epsilon``."""
+    client_target_epsilon: float = 0.0
+    """Client-level DP: epsilon over ``num-server-rounds`` rounds."""
+    seeded_noise: bool = False
+    """Draw DP noise from generators seeded by the run seed (reproducible experiments).
+    Off: fresh operating-system entropy, so nobody who knows the config can subtract
+    the noise; keep it off in production."""
+    secure_aggregation: bool = False
+    """SecAgg+ (Flower's protocol): the server learns only the sum of the uploads.
+    Needs a linear strategy (see ``fedelta strategies``)."""
+    secagg_num_shares: float = 1.0
+    """SecAgg+: shares each secret is split into, as a share of the round's clients
+    (<= 1) or a count (> 1)."""
+    secagg_reconstruction_threshold: float = 0.7
+    """SecAgg+: shares needed to reconstruct a secret, as a share of ``secagg-num-shares``
+    (<= 1) or a count (> 1); lower tolerates more dropouts, higher resists collusion."""
+    secagg_clipping_range: float = 1.0
+    """SecAgg+: uploads are quantized over [-range, range]; a client with a larger entry
+    fails the round with a message naming it, rather than being clipped silently."""
+    secagg_quantization_range: int = 4194304
+    """SecAgg+: integer levels over the clipping range (2**22)."""
+    secagg_max_weight: float = 100000.0
+    """SecAgg+: the largest example count a site may weight its upload with."""
+
+
+@dataclass
 class SimulationConfig:
     """Settings for ``fedelta simulate`` only (``[simulation]``)."""
 
@@ -276,6 +332,7 @@ class RunConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     # -- conversions -------------------------------------------------------------
@@ -385,6 +442,38 @@ class RunConfig:
             ("compression.lift-rank", self.compression.lift_rank >= 1, "must be >= 1"),
             ("generation.num-prompts", self.generation.num_prompts >= 0, "must be >= 0"),
             ("generation.max-new-tokens", self.generation.max_new_tokens >= 1, "must be >= 1"),
+            ("privacy.noise-multiplier", self.privacy.noise_multiplier >= 0.0, "must be >= 0"),
+            ("privacy.target-epsilon", self.privacy.target_epsilon >= 0.0, "must be >= 0"),
+            ("privacy.max-grad-norm", self.privacy.max_grad_norm > 0.0, "must be > 0"),
+            ("privacy.delta", 0.0 < self.privacy.delta < 1.0, "must be in (0, 1)"),
+            ("privacy.client-clip-norm", self.privacy.client_clip_norm > 0.0, "must be > 0"),
+            (
+                "privacy.client-noise-multiplier",
+                self.privacy.client_noise_multiplier >= 0.0,
+                "must be >= 0",
+            ),
+            (
+                "privacy.client-target-epsilon",
+                self.privacy.client_target_epsilon >= 0.0,
+                "must be >= 0",
+            ),
+            ("privacy.secagg-num-shares", self.privacy.secagg_num_shares > 0.0, "must be > 0"),
+            (
+                "privacy.secagg-reconstruction-threshold",
+                self.privacy.secagg_reconstruction_threshold > 0.0,
+                "must be > 0",
+            ),
+            (
+                "privacy.secagg-clipping-range",
+                self.privacy.secagg_clipping_range > 0.0,
+                "must be > 0",
+            ),
+            (
+                "privacy.secagg-quantization-range",
+                self.privacy.secagg_quantization_range >= 2,
+                "must be >= 2",
+            ),
+            ("privacy.secagg-max-weight", self.privacy.secagg_max_weight > 0.0, "must be > 0"),
             ("simulation.num-supernodes", self.simulation.num_supernodes >= 1, "must be >= 1"),
             ("simulation.client-cpus", self.simulation.client_cpus > 0.0, "must be > 0"),
         ]
@@ -408,6 +497,7 @@ class RunConfig:
             "compression.sparsity": SPARSITY,
             "compression.quantization": CODECS,
             "compression.weighting": ("all", "senders"),
+            "privacy.client-dp": ("none", "central", "distributed"),
         }
         for key, allowed in choices.items():
             if self._get(key) not in allowed:
@@ -430,6 +520,7 @@ class RunConfig:
             )
         self._validate_compression()
         self._validate_task()
+        self._validate_privacy()
         if self.min_train_replies > self.min_train_nodes:
             raise ConfigError(
                 "config key 'min-train-replies' must be <= 'min-train-nodes' "
@@ -491,6 +582,99 @@ class RunConfig:
             )
         if not causal and self.data.packing:
             raise ConfigError("config key 'data.packing' needs model.task = \"causal-lm\"")
+
+    def _validate_privacy(self) -> None:
+        """DP and secure-aggregation settings that could not give what they promise."""
+        p = self.privacy
+        if p.dp_sgd:
+            if not p.noise_multiplier and not p.target_epsilon:
+                raise ConfigError(
+                    "config key 'privacy.dp-sgd' needs privacy.noise-multiplier or "
+                    "privacy.target-epsilon (both are 0)"
+                )
+            refused = {
+                "gradient-accumulation-steps": (
+                    self.gradient_accumulation_steps > 1,
+                    "Opacus accounts one noisy step per sampled batch; raise batch-size",
+                ),
+                "strategy.name": (
+                    self.strategy.name == "fedprox",
+                    "FedProx's proximal term is not a per-example gradient and would "
+                    "escape clipping",
+                ),
+                "compression.sparsity": (
+                    self.compression.sparsity in ("spiel", "lift"),
+                    "training-time masks edit gradients after Opacus noised them",
+                ),
+            }
+            for key, (bad, why) in refused.items():
+                if bad:
+                    raise ConfigError(
+                        f"config key '{key}' = {self._get(key)!r} cannot be combined with "
+                        f"privacy.dp-sgd: {why}"
+                    )
+        if p.client_dp != "none":
+            if not p.client_noise_multiplier and not p.client_target_epsilon:
+                raise ConfigError(
+                    "config key 'privacy.client-dp' needs privacy.client-noise-multiplier or "
+                    "privacy.client-target-epsilon (both are 0)"
+                )
+            if self.strategy.robust != "mean" or self.strategy.clip_norm:
+                raise ConfigError(
+                    "config key 'privacy.client-dp' bounds the mean of clipped updates; it "
+                    f'needs strategy.robust = "mean" and strategy.clip-norm = 0 (got '
+                    f"{self.strategy.robust!r}, {self.strategy.clip_norm:g})"
+                )
+        if p.secure_aggregation:
+            self._validate_secure_aggregation()
+
+    def _validate_secure_aggregation(self) -> None:
+        """The server sees only the sum: every option that needs one upload in the clear,
+        or uploads that do not add up, is refused before anything trains."""
+        from fedelta.strategies import build_strategy
+
+        if self.privacy.client_dp == "central":
+            raise ConfigError(
+                "config key 'privacy.client-dp' = \"central\" clips each update at the "
+                'server, which secure aggregation hides; use "distributed"'
+            )
+        if not build_strategy(self).capabilities.linear:
+            raise ConfigError(
+                "config key 'privacy.secure-aggregation' needs a strategy that only needs the "
+                f"sum of uploads; strategy.lora = {self.strategy.lora!r} with strategy.robust = "
+                f"{self.strategy.robust!r} is not linear (see `fedelta strategies`)"
+            )
+        c = self.compression
+        clear = {
+            "compression.sparsity": (
+                c.sparsity not in ("none", "random-mask"),
+                "each client sends different coordinates; use none or random-mask",
+            ),
+            "compression.quantization": (
+                c.quantization != "none",
+                "secure aggregation quantizes uploads itself",
+            ),
+            "compression.half-finetuning": (c.half_finetuning, "uploads differ in layout"),
+            "lora.client-ranks": (
+                bool(self.lora.client_ranks.strip()),
+                "clients of different ranks upload different shapes",
+            ),
+            "max-update-norm": (
+                self.max_update_norm > 0,
+                "the server cannot see one update's norm",
+            ),
+        }
+        for key, (bad, why) in clear.items():
+            if bad:
+                raise ConfigError(
+                    f"config key '{key}' = {self._get(key)!r} cannot be combined with "
+                    f"privacy.secure-aggregation: {why}"
+                )
+        if self.min_train_nodes < 3:
+            raise ConfigError(
+                "config key 'min-train-nodes' must be >= 3 with privacy.secure-aggregation "
+                f"(got {self.min_train_nodes}): with two clients each learns the other's upload"
+            )
 
     def _validate_ranks(self) -> None:
         try:

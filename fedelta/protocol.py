@@ -34,9 +34,17 @@ FOLD = "fold"
 LOCAL_ADAPTER = "local-adapter"
 """ArrayRecord in a node's ``Context.state``: adapter tensors a site keeps to itself."""
 
+REFUSED = "refused"
+"""ConfigRecord: why a client did not train (its privacy budget is spent), instead of a
+delta (client to server)."""
+
 ROUND_KEY = "server-round"
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
+DP_EPSILON = "dp-epsilon"
+"""DP-SGD epsilon a site has spent over all its rounds so far (in its train replies)."""
+BUDGET_SPENT = "privacy budget spent"
+"""How a site's refusal begins when DP-SGD would take it past its budget."""
 
 # Node-config keys a SuperNode is started with (Flower's own names in simulation).
 PARTITION_ID = "partition-id"

@@ -191,7 +191,7 @@ def test_every_malformed_reply_is_rejected_with_a_reason_and_valid_ones_pass(rep
     dense = densify(update.delta)
     assert {k: tuple(v.shape) for k, v in dense.items()} == LAYOUT
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in dense.values())
-    assert update.num_examples > 0 and math.isfinite(update.train_loss)
+    assert update.metrics.num_examples > 0 and math.isfinite(update.metrics.train_loss)
 
 
 def _reply(delta: dict[str, np.ndarray], examples: object = 10, loss: object = 0.5) -> RecordDict:

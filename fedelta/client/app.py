@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedelta import deltas, protocol
 from fedelta.client.trainer import ClientTrainer
 from fedelta.compression import ClientMemory
 from fedelta.models import TensorDict
+from fedelta.privacy.accounting import PrivacyAccountant, PrivacyBudgetError
+from fedelta.privacy.secure_aggregation import masked_upload, secure_aggregation_mod
 from fedelta.protocol import Site
-from fedelta.strategies.optimizers import PROXIMAL_MU
 
-app = ClientApp()
+app = ClientApp(mods=[secure_aggregation_mod])
 
 
 def _receive(msg: Message, context: Context) -> tuple[ClientTrainer, TensorDict, int]:
@@ -40,24 +41,50 @@ def describe(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train from the global state and reply with the delta, never the data."""
+    """Train from the global state and reply with the delta, never the data.
+
+    Under DP-SGD the site's accountant lives in its ``Context.state``: a site whose
+    budget is spent says so instead of training. Under secure aggregation the delta
+    goes out only masked (see :mod:`fedelta.privacy.secure_aggregation`)."""
     trainer, start, server_round = _receive(msg, context)
+    privacy = trainer.config.privacy
     strategy = msg.content.config_records.get(protocol.STRATEGY)
-    mu = float(strategy.get(PROXIMAL_MU, 0.0)) if strategy is not None else 0.0
     memory = ClientMemory.load(context.state)
-    out = trainer.fit(start, server_round, proximal_mu=mu, memory=memory)
+    accountant = PrivacyAccountant.load(context.state)
+    try:
+        out = trainer.fit(start, server_round, strategy, memory, accountant)
+    except PrivacyBudgetError as err:
+        if privacy.secure_aggregation:
+            raise  # the protocol treats the site as dropped out; the reason travels along
+        spent = MetricRecord({protocol.DP_EPSILON: accountant.epsilon(privacy.delta)})
+        refusal = ConfigRecord({"reason": str(err)})
+        return Message(
+            RecordDict({protocol.REFUSED: refusal, protocol.METRICS: spent}), reply_to=msg
+        )
     memory.save(context.state)
     if out.kept:
         context.state[protocol.LOCAL_ADAPTER] = deltas.encode(out.kept)
-    metrics = MetricRecord(
-        {
-            protocol.NUM_EXAMPLES: len(trainer.data.train),
-            protocol.TRAIN_LOSS: out.result.loss,
-            "train-steps": out.result.steps,
+    metrics = {
+        protocol.NUM_EXAMPLES: len(trainer.data.train),
+        protocol.TRAIN_LOSS: out.result.loss,
+        "train-steps": out.result.steps,
+    }
+    if out.private is not None:
+        accountant.save(context.state)
+        metrics |= {
+            protocol.DP_EPSILON: out.private.epsilon,
+            "dp-noise-multiplier": out.private.noise_multiplier,
+            "dp-sample-rate": out.private.sample_rate,
         }
-    )
+    if privacy.secure_aggregation:
+        # Client-level DP weighs every site the same; otherwise by example count.
+        weight = 1 if privacy.client_dp != "none" else len(trainer.data.train)
+        content = masked_upload(out.upload, weight, privacy)
+        content[protocol.METRICS] = MetricRecord(metrics)
+        return Message(content, reply_to=msg)
     return Message(
-        RecordDict({protocol.DELTA: out.upload, protocol.METRICS: metrics}), reply_to=msg
+        RecordDict({protocol.DELTA: out.upload, protocol.METRICS: MetricRecord(metrics)}),
+        reply_to=msg,
     )
 
 
@@ -79,7 +106,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 def with_train(handler: Callable[[Message, Context], Message]) -> ClientApp:
     """fedelta's ClientApp with ``handler`` as its train function: robustness
     experiments wrap :func:`train` to make some sites fail or misbehave."""
-    wrapped = ClientApp()
+    wrapped = ClientApp(mods=[secure_aggregation_mod])
     wrapped.query()(describe)
     wrapped.evaluate()(evaluate)
     wrapped.train()(handler)

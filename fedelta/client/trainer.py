@@ -33,8 +33,13 @@ from fedelta.models import (
     adapter_state,
     cached_model,
 )
+from fedelta.privacy.accounting import PrivacyAccountant
+from fedelta.privacy.client_level import NOISE_MULTIPLIER, SAMPLED, add_noise_share
+from fedelta.privacy.dp_sgd import PrivateRound, train_private
+from fedelta.privacy.noise import noise_generator
 from fedelta.protocol import Site
 from fedelta.strategies import build_lora_aggregation
+from fedelta.strategies.optimizers import PROXIMAL_MU
 from fedelta.tasks import EvalResult, build_task
 from fedelta.training import TrainResult, derive_seed, seed_everything, steps_for, train
 
@@ -48,6 +53,8 @@ class FitOutput:
     kept: TensorDict
     """Tensors the site keeps to itself (FedSA-LoRA's B)."""
     result: TrainResult
+    private: PrivateRound | None = None
+    """What DP-SGD spent this round (``privacy.dp-sgd``)."""
 
 
 class ClientTrainer:
@@ -109,12 +116,19 @@ class ClientTrainer:
         self,
         start: TensorDict,
         server_round: int,
-        proximal_mu: float = 0.0,
+        instructions: Mapping[str, bool | int | float | str] | None = None,
         memory: ClientMemory | None = None,
+        accountant: PrivacyAccountant | None = None,
     ) -> FitOutput:
         """Train from ``start`` (loaded by :meth:`receive`) and encode the delta of the
-        tensors this client sends; ``memory`` (error feedback, SpIEL indices) is updated."""
+        tensors this client sends. ``instructions`` is what the strategy asks this round
+        (a proximal term, client-level DP noise); ``memory`` (error feedback, SpIEL
+        indices) and ``accountant`` (DP-SGD budget) are the site's, and are updated.
+
+        Raises :class:`~fedelta.privacy.accounting.PrivacyBudgetError` before training
+        if DP-SGD would take the site past its budget."""
         cfg = self.config
+        instructions = instructions or {}
         memory = memory if memory is not None else ClientMemory()
         seed = derive_seed(cfg.seed, server_round, self.site.partition_id)
         seed_everything(seed)
@@ -131,22 +145,48 @@ class ClientTrainer:
         mask = self.compression.training_mask(
             {k: start[k] for k in sent}, memory, server_round, site_seed
         )
+        private = None
         with _frozen(self.model, exchanged - set(sent)):
-            result = train(
-                self.model,
-                cycle(loader, steps * accumulation),
-                lr=cfg.lr,
-                weight_decay=cfg.weight_decay,
-                proximal_mu=proximal_mu,
-                anchor=start,
-                hook=mask,
-                accumulation=accumulation,
-            )
+            if cfg.privacy.dp_sgd:
+                private = train_private(
+                    self.model,
+                    self.task,
+                    self.task.examples(self.data.train, self.tokenizer, train=True),
+                    self.task.collate_fn(self.tokenizer),
+                    batch_size=cfg.batch_size,
+                    steps=steps,
+                    rounds=cfg.num_server_rounds,
+                    lr=cfg.lr,
+                    weight_decay=cfg.weight_decay,
+                    settings=cfg.privacy,
+                    accountant=accountant if accountant is not None else PrivacyAccountant(),
+                    seed_parts=(site_seed, 1),
+                )
+                result = private.result
+            else:
+                result = train(
+                    self.model,
+                    cycle(loader, steps * accumulation),
+                    lr=cfg.lr,
+                    weight_decay=cfg.weight_decay,
+                    proximal_mu=float(instructions.get(PROXIMAL_MU, 0.0)),
+                    anchor=start,
+                    hook=mask,
+                    accumulation=accumulation,
+                )
         trained = adapter_state(self.model)
         delta = {k: trained[k] - start[k] for k in sent}
+        if cfg.privacy.client_dp == "distributed":
+            delta, _ = add_noise_share(
+                delta,
+                cfg.privacy.client_clip_norm,
+                float(instructions[NOISE_MULTIPLIER]),
+                int(instructions[SAMPLED]),
+                noise_generator(cfg.privacy.seeded_noise, site_seed, 2),
+            )
         kept = {k: trained[k] for k in start if self.rule.local_b and k.endswith(B_SUFFIX)}
         upload = self.compression.compress(delta, memory, server_round, site_seed, mask)
-        return FitOutput(upload, kept, result)
+        return FitOutput(upload, kept, result, private)
 
     def evaluate(self) -> EvalResult:
         """Evaluate the model loaded by :meth:`receive` on the local validation split."""

@@ -28,6 +28,7 @@ from fedelta.compression import UplinkCompression
 from fedelta.config import RUN_CONFIG_FILE, ConfigError, RunConfig, load_config
 from fedelta.data import label_names, load_corpus
 from fedelta.merging.rounds import RoundStates, merged_export
+from fedelta.privacy.secure_aggregation import SecAggPlus, SecureAggregationError
 from fedelta.server.checkpoint import FILENAME as CHECKPOINT_FILE
 from fedelta.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedelta.server.evaluation import CentralEvaluator
@@ -36,7 +37,7 @@ from fedelta.server.generations import generate_report, write_generations
 from fedelta.server.ledger import message_bytes
 from fedelta.server.metrics import MetricsLog, format_table, summarise, write_summary
 from fedelta.server.sampling import sample_sites
-from fedelta.server.validation import read_update
+from fedelta.server.validation import ReplyMetrics, read_metrics, read_update
 from fedelta.strategies import EmptyRoundError, Strategy, build_strategy
 from fedelta.tasks import EvalResult, build_task
 
@@ -48,6 +49,11 @@ REJECTED = "rejected update"
 """How ``clients-failed`` words an update the server's validation refused."""
 POLL_SECONDS = 0.1
 DISCOVERY_TIMEOUT = 120.0
+
+
+class BudgetsSpentError(EmptyRoundError):
+    """Too few sites have privacy budget left to train a round: the run ends early
+    (and exports what it has)."""
 
 
 class ShortRoundError(EmptyRoundError):
@@ -82,6 +88,8 @@ class Federation:
         """Site name to the LoRA rank it trains."""
         self.refused: set[int] = set()
         """Nodes whose site config this run cannot use (reported once)."""
+        self.exhausted: set[str] = set()
+        """Sites whose DP-SGD budget is spent: never sampled again in this run."""
         self.compression = UplinkCompression(self.config.compression, self.config.seed)
         self.task = build_task(self.config)
         self.round_states = RoundStates(run_dir)
@@ -104,12 +112,18 @@ class Federation:
             unit="round",
             disable=not self.progress,
         )
+        stopped = None
         for server_round in range(done + 1, self.config.num_server_rounds + 1):
             round_started = time.monotonic()
             self._down, self._up = {}, {}
-            global_state, train_row = self._train_with_retries(
-                server_round, global_state, layout, rng
-            )
+            try:
+                global_state, train_row = self._train_with_retries(
+                    server_round, global_state, layout, rng
+                )
+            except BudgetsSpentError as err:
+                stopped = f"{err}; training stopped after round {server_round - 1}"
+                log.warning(stopped)
+                break
             row = {"round": server_round, **self._evaluate_centrally(evaluator, global_state)}
             row |= train_row
             if self.config.fraction_evaluate > 0:
@@ -138,6 +152,8 @@ class Federation:
         summary = summarise(rows, time.monotonic() - started)
         summary["adapter"] = str(self.run_dir / ADAPTER_DIR)
         summary["strategy"] = getattr(self.strategy, "name", type(self.strategy).__name__)
+        if stopped:
+            summary["stopped-early"] = stopped
         if exported is not global_state:
             summary["export-merge"] = self.config.export.merge
             if self.config.central_evaluation:
@@ -297,7 +313,17 @@ class Federation:
         cfg = self.config
         attempts = cfg.round_retries + 1 if cfg.short_round == "retry" else 1
         for attempt in range(1, attempts + 1):
-            available = self._wait_for_sites()
+            available = {
+                nid: site
+                for nid, site in self._wait_for_sites().items()
+                if site not in self.exhausted
+            }
+            if len(available) < cfg.min_train_nodes:
+                raise BudgetsSpentError(
+                    f"the privacy budgets of {', '.join(sorted(self.exhausted))} are spent: "
+                    f"{len(available)} site(s) can still train, min-train-nodes is "
+                    f"{cfg.min_train_nodes}"
+                )
             sampled = sample_sites(
                 rng, list(available.values()), cfg.fraction_train, cfg.min_train_nodes
             )
@@ -336,30 +362,33 @@ class Federation:
     ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
         """One attempt at a round: the new global state (``None`` if short) and its row."""
         node_of = {site: nid for nid, site in available.items()}
-        self.strategy.begin_round(server_round, global_state, [self.ranks[s] for s in sampled])
+        self.strategy.begin_round(
+            server_round,
+            global_state,
+            [self.ranks[s] for s in sampled],
+            population=len(available),
+        )
         records = self._global_records(server_round, global_state)
         if strategy_config := self.strategy.client_config(server_round):
             records[protocol.STRATEGY] = ConfigRecord(strategy_config)
-        messages = [
-            Message(
-                RecordDict(records),
-                dst_node_id=node_of[site],
-                message_type=MessageType.TRAIN,
-                group_id=str(server_round),
-            )
-            for site in sampled
-        ]
-        failed: dict[str, str] = {}
-        replied: list[str] = []
-        loss_sum = examples = 0.0
-        rejected = dense_fp32 = 0
-        for node_id, reply in self._exchange(messages, self._timeout()):
-            site = available[node_id]
-            if reply is None:
-                failed[site] = "timed out"
-            elif reply.has_error():
-                failed[site] = f"client error: {reply.error.reason}"
-            else:
+        replies = _RoundReplies()
+        if self.config.privacy.secure_aggregation:
+            self._secure_train_round(server_round, records, sampled, node_of, layout, replies)
+        else:
+            messages = [
+                Message(
+                    RecordDict(records),
+                    dst_node_id=node_of[site],
+                    message_type=MessageType.TRAIN,
+                    group_id=str(server_round),
+                )
+                for site in sampled
+            ]
+            for node_id, reply in self._exchange(messages, self._timeout()):
+                site = available[node_id]
+                if self._refused(site, reply, replies):
+                    continue
+                assert reply is not None
                 rank = self.ranks[site]
                 uplink = self.strategy.uplink_layout(layout, rank)
                 try:
@@ -371,29 +400,95 @@ class Federation:
                         self.config.max_update_norm,
                     )
                 except deltas.InvalidUpdateError as err:
-                    failed[site] = f"{REJECTED}: {err}"
-                    rejected += 1
-                else:
-                    self.strategy.accumulate(update.delta, update.num_examples, rank)
-                    dense_fp32 += 4 * sum(math.prod(shape) for shape in uplink.values())
-                    replied.append(site)
-                    loss_sum += update.train_loss * update.num_examples
-                    examples += update.num_examples
-            if site in failed:
-                log.warning("round %d: %s left out: %s", server_round, site, failed[site])
-        row = {
-            "train-loss": loss_sum / examples if examples else None,
-            "clients-sampled": len(sampled),
-            "clients-replied": len(replied),
-            "clients-rejected": rejected,
-            "dense-fp32-bytes-up": dense_fp32,
-            "sites-sampled": sampled,
-            "clients-failed": failed,
-        }
-        if len(replied) < self.config.min_train_replies:
+                    replies.fail(site, f"{REJECTED}: {err}")
+                    replies.rejected += 1
+                    continue
+                self.strategy.accumulate(update.delta, self._weight(update.metrics), rank)
+                replies.count(site, update.metrics, _dense_bytes(uplink))
+        for site, why in replies.failed.items():
+            log.warning("round %d: %s left out: %s", server_round, site, why)
+        row = replies.row(sampled)
+        if len(replies.replied) < self.config.min_train_replies:
             return None, row
         new_state = self.strategy.finish_round(global_state)
         return new_state, self.strategy.round_metrics() | row
+
+    def _weight(self, metrics: ReplyMetrics) -> float:
+        """A reply's weight in the mean: its examples, or 1 under client-level DP
+        (equal weights bound one site's influence)."""
+        return 1.0 if self.config.privacy.client_dp != "none" else float(metrics.num_examples)
+
+    def _refused(self, site: str, reply: Message | None, replies: _RoundReplies) -> bool:
+        """Whether ``reply`` brings no update (timeout, error, spent privacy budget); if
+        so it is recorded. A site whose budget is spent is not sampled again."""
+        if reply is None:
+            replies.fail(site, "timed out")
+        elif reply.has_error():
+            replies.fail(site, f"client error: {reply.error.reason}")
+            if protocol.BUDGET_SPENT in reply.error.reason:
+                self.exhausted.add(site)
+        elif protocol.REFUSED in reply.content.config_records:
+            reason = str(reply.content.config_records[protocol.REFUSED].get("reason", ""))
+            replies.fail(site, f"refused: {reason}")
+            if protocol.BUDGET_SPENT in reason:
+                self.exhausted.add(site)
+            metrics = reply.content.metric_records.get(protocol.METRICS)
+            if metrics is not None and protocol.DP_EPSILON in metrics:
+                replies.epsilon[site] = float(metrics[protocol.DP_EPSILON])
+        else:
+            return False
+        return True
+
+    def _secure_train_round(
+        self,
+        server_round: int,
+        records: Mapping[str, Any],
+        sampled: list[str],
+        node_of: Mapping[str, int],
+        layout: Mapping[str, tuple[int, ...]],
+        replies: _RoundReplies,
+    ) -> None:
+        """Train the sampled sites under SecAgg+: one aggregate update, each site's metrics."""
+        site_of = {nid: site for site, nid in node_of.items()}
+        contents = {node_of[site]: RecordDict(dict(records)) for site in sampled}
+        try:
+            outcome = SecAggPlus(self.config.privacy, self._timeout()).run(
+                self._exchange, contents, server_round
+            )
+        except SecureAggregationError as err:
+            for site in sampled:
+                replies.fail(site, f"secure aggregation failed: {err}")
+            return
+        for node_id, why in outcome.failed.items():
+            if node_id not in outcome.contributors:
+                replies.fail(site_of[node_id], why)
+                if protocol.BUDGET_SPENT in why:
+                    self.exhausted.add(site_of[node_id])
+        rank = self.ranks[sampled[0]]
+        uplink = self.strategy.uplink_layout(layout, rank)
+        counted = []
+        for node_id in sorted(outcome.contributors):
+            try:
+                metrics = read_metrics(outcome.replies[node_id].content)
+            except deltas.InvalidUpdateError as err:
+                # Its upload is already in the sum: the round cannot leave it out.
+                log.warning(
+                    "round %d: %s sent invalid metrics: %s", server_round, site_of[node_id], err
+                )
+                continue
+            counted.append((site_of[node_id], metrics))
+        if outcome.mean is None:
+            return
+        try:
+            mean = self.compression.decode(outcome.mean, uplink, server_round)
+        except deltas.InvalidUpdateError as err:
+            for site, _ in counted:
+                replies.fail(site, f"{REJECTED} (the secure sum): {err}")
+            replies.rejected += len(counted)
+            return
+        self.strategy.accumulate(mean, outcome.total_weight, rank)
+        for site, metrics in counted:
+            replies.count(site, metrics, _dense_bytes(uplink))
 
     def _federated_evaluation(
         self,
@@ -493,6 +588,50 @@ class Federation:
                 time.sleep(POLL_SECONDS)
         for message_id in pending:
             yield destination[message_id], None
+
+
+class _RoundReplies:
+    """What one round's training replies amounted to, for its metrics row."""
+
+    def __init__(self) -> None:
+        self.failed: dict[str, str] = {}
+        self.replied: list[str] = []
+        self.epsilon: dict[str, float] = {}
+        self.rejected = 0
+        self.dense_fp32 = 0
+        self._loss_sum = 0.0
+        self._examples = 0
+
+    def fail(self, site: str, why: str) -> None:
+        self.failed[site] = why
+
+    def count(self, site: str, metrics: ReplyMetrics, dense_bytes: int) -> None:
+        self.replied.append(site)
+        self._loss_sum += metrics.train_loss * metrics.num_examples
+        self._examples += metrics.num_examples
+        self.dense_fp32 += dense_bytes
+        if metrics.epsilon is not None:
+            self.epsilon[site] = metrics.epsilon
+
+    def row(self, sampled: list[str]) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "train-loss": self._loss_sum / self._examples if self._examples else None,
+            "clients-sampled": len(sampled),
+            "clients-replied": len(self.replied),
+            "clients-rejected": self.rejected,
+            "dense-fp32-bytes-up": self.dense_fp32,
+            "sites-sampled": sampled,
+            "clients-failed": self.failed,
+        }
+        if self.epsilon:
+            row["dp-epsilon"] = max(self.epsilon.values())
+            row["dp-epsilon-by-site"] = dict(sorted(self.epsilon.items()))
+        return row
+
+
+def _dense_bytes(layout: Mapping[str, tuple[int, ...]]) -> int:
+    """What an upload of ``layout`` would be as dense fp32."""
+    return 4 * sum(math.prod(shape) for shape in layout.values())
 
 
 def _with_label_names(config: RunConfig) -> RunConfig:

@@ -71,9 +71,19 @@ def summarise(rows: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]
             "final-test-loss": last.get("test-loss"),
             "final-test-token-accuracy": last.get("test-token-accuracy"),
         }
+    privacy: dict[str, Any] = {}
+    spent: dict[str, float] = {}
+    for row in rows:
+        spent.update(row.get("dp-epsilon-by-site", {}))
+    if spent:
+        privacy = {"dp-epsilon": max(spent.values()), "dp-epsilon-by-site": spent}
+    client_level = [r["client-dp-epsilon"] for r in rows if r.get("client-dp-epsilon") is not None]
+    if client_level:
+        privacy["client-dp-epsilon"] = client_level[-1]
     return {
         "rounds": len(trained),
         **quality,
+        **privacy,
         "total-bytes-down": sum(r.get("bytes-down", 0) for r in rows),
         "total-bytes-up": bytes_up,
         "uplink-reduction": round(dense_up / bytes_up, 2) if bytes_up else None,
@@ -131,6 +141,12 @@ def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
             "federated-accuracy",
         )
     )
+    # Privacy columns only when the run spends a budget.
+    epsilons = [
+        (key, label)
+        for key, label in (("dp-epsilon", "eps (dp-sgd)"), ("client-dp-epsilon", "eps (client)"))
+        if any(r.get(key) is not None for r in rows)
+    ]
     header = (
         "round",
         "test ppl" if causal else "test acc",
@@ -140,6 +156,7 @@ def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
         "clients",
         "down",
         "up",
+        *(label for _, label in epsilons),
         "sec",
     )
     lines = [header]
@@ -154,6 +171,7 @@ def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
                 f"{r['clients-replied']}/{r['clients-sampled']}" if "clients-sampled" in r else "-",
                 format_bytes(r["bytes-down"]) if "bytes-down" in r else "-",
                 format_bytes(r["bytes-up"]) if "bytes-up" in r else "-",
+                *(_num(r.get(key), 2) for key, _ in epsilons),
                 _num(r.get("wall-seconds"), 1),
             )
         )

@@ -21,28 +21,26 @@ from fedelta.strategies.aggregators.norm_bound import global_norm
 
 
 @dataclass(frozen=True)
+class ReplyMetrics:
+    """The numbers of a training reply, checked."""
+
+    num_examples: int
+    train_loss: float
+    epsilon: float | None = None
+    """DP-SGD epsilon the site has spent so far, when it trains with DP-SGD."""
+
+
+@dataclass(frozen=True)
 class Update:
     """A validated training reply."""
 
     delta: Delta
     """Dense and sparse tensors by name, decoded as ``[compression]`` says."""
-    num_examples: int
-    train_loss: float
+    metrics: ReplyMetrics
 
 
-def read_update(
-    content: RecordDict,
-    layout: Mapping[str, tuple[int, ...]],
-    compression: UplinkCompression,
-    server_round: int,
-    max_norm: float = 0.0,
-) -> Update:
-    """The delta, example count and train loss of a reply, checked against ``layout``
-    and the run's compression (names, dtypes, shapes, sparse indices, scales, finite
-    values) and, when ``max_norm > 0``, rejected if its L2 norm exceeds it (unlike
-    ``strategy.clip-norm``, which scales it down)."""
-    if protocol.DELTA not in content.array_records:
-        raise deltas.InvalidUpdateError(f"reply has no '{protocol.DELTA}' record")
+def read_metrics(content: RecordDict) -> ReplyMetrics:
+    """Example count, train loss and (under DP-SGD) epsilon of a training reply."""
     metrics = content.metric_records.get(protocol.METRICS)
     if metrics is None:
         raise deltas.InvalidUpdateError(f"reply has no '{protocol.METRICS}' record")
@@ -56,6 +54,28 @@ def read_update(
         raise deltas.InvalidUpdateError(
             f"{protocol.TRAIN_LOSS} must be a finite number, got {loss!r}"
         )
+    epsilon = metrics.get(protocol.DP_EPSILON)
+    if epsilon is not None and (type(epsilon) not in (int, float) or not epsilon >= 0):
+        raise deltas.InvalidUpdateError(
+            f"{protocol.DP_EPSILON} must be a non-negative number, got {epsilon!r}"
+        )
+    return ReplyMetrics(num_examples, float(loss), None if epsilon is None else float(epsilon))
+
+
+def read_update(
+    content: RecordDict,
+    layout: Mapping[str, tuple[int, ...]],
+    compression: UplinkCompression,
+    server_round: int,
+    max_norm: float = 0.0,
+) -> Update:
+    """The delta and metrics of a reply, checked against ``layout`` and the run's
+    compression (names, dtypes, shapes, sparse indices, scales, finite values) and,
+    when ``max_norm > 0``, rejected if its L2 norm exceeds it (unlike
+    ``strategy.clip-norm``, which scales it down)."""
+    if protocol.DELTA not in content.array_records:
+        raise deltas.InvalidUpdateError(f"reply has no '{protocol.DELTA}' record")
+    metrics = read_metrics(content)
     delta = compression.decode(content.array_records[protocol.DELTA], layout, server_round)
     if max_norm > 0:
         norm = global_norm(delta)
@@ -63,4 +83,4 @@ def read_update(
             raise deltas.InvalidUpdateError(
                 f"update norm {norm:.4g} exceeds max-update-norm {max_norm:g}"
             )
-    return Update(delta, num_examples, float(loss))
+    return Update(delta, metrics)

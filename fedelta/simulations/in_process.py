@@ -19,10 +19,10 @@ import torch
 from fedelta.client.trainer import ClientTrainer
 from fedelta.compression import ClientMemory
 from fedelta.config import RunConfig
+from fedelta.privacy.accounting import PrivacyAccountant
 from fedelta.protocol import Site
 from fedelta.server.evaluation import CentralEvaluator
 from fedelta.strategies import Strategy, build_strategy
-from fedelta.strategies.optimizers import PROXIMAL_MU
 from fedelta.tasks import build_task
 
 
@@ -49,26 +49,37 @@ def federate(
     clients = config.simulation.num_supernodes
     sites = [Site(i, clients, f"client-{i}") for i in range(clients)]
     memories = {site.name: ClientMemory() for site in sites}
+    accountants = {site.name: PrivacyAccountant() for site in sites}
     kept: dict[str, dict[str, torch.Tensor]] = {site.name: {} for site in sites}
     rows = [{"round": 0, **task.metrics(evaluator(state), "test")}]
     states = [state]
+    equal_weights = config.privacy.client_dp != "none"
     for server_round in range(1, config.num_server_rounds + 1):
-        strategy.begin_round(server_round, state, [s.rank(config) for s in sites])
+        ranks = [s.rank(config) for s in sites]
+        strategy.begin_round(server_round, state, ranks, population=len(sites))
         adapter, fold = strategy.downlink(state)
-        mu = float(strategy.client_config(server_round).get(PROXIMAL_MU, 0.0))
-        losses = []
+        instructions = strategy.client_config(server_round)
+        losses, epsilons = [], {}
         for site in sites:
             trainer = ClientTrainer(config, site)
             start = trainer.receive(adapter, fold, kept[site.name])
-            out = trainer.fit(start, server_round, proximal_mu=mu, memory=memories[site.name])
+            out = trainer.fit(
+                start, server_round, instructions, memories[site.name], accountants[site.name]
+            )
             kept[site.name] = out.kept or kept[site.name]
             delta = trainer.compression.decode(out.upload, trainer.uplink_layout, server_round)
-            strategy.accumulate(delta, len(trainer.data.train), trainer.rank)
+            weight = 1 if equal_weights else len(trainer.data.train)
+            strategy.accumulate(delta, weight, trainer.rank)
             losses.append(out.result.loss)
+            if out.private is not None:
+                epsilons[site.name] = out.private.epsilon
         state = strategy.finish_round(state)
         states.append(state)
         row = {"round": server_round, **task.metrics(evaluator(state), "test")}
         row["train-loss"] = sum(losses) / len(losses)
+        if epsilons:
+            row["dp-epsilon"] = max(epsilons.values())
+        row |= strategy.round_metrics()
         rows.append(row)
         if on_round is not None:
             on_round(row)

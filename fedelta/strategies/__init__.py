@@ -49,6 +49,10 @@ def build_optimizer(config: RunConfig) -> ServerOptimizer:
 def build_aggregator(config: RunConfig) -> Aggregator:
     """The combination rule ``strategy.robust`` selects."""
     s = config.strategy
+    if config.privacy.client_dp != "none":
+        from fedelta.privacy.client_level import ClientLevelDP
+
+        return ClientLevelDP(config.privacy, config.num_server_rounds, config.seed)
     if s.robust in AGGREGATION_MERGES:
         return MergeAggregator(s.robust, s.merge_density, config.seed)
     cls = AGGREGATORS[s.robust]

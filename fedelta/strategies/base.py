@@ -74,8 +74,10 @@ class Strategy(ABC):
         server_round: int,
         global_state: Mapping[str, torch.Tensor],
         ranks: Sequence[int] = (),
+        population: int | None = None,
     ) -> None:
-        """Prepare empty accumulators; ``ranks`` are those of the sampled clients."""
+        """Prepare empty accumulators; ``ranks`` are those of the sampled clients,
+        ``population`` the number of sites they were sampled from."""
 
     @abstractmethod
     def accumulate(

@@ -66,7 +66,7 @@ class DeltaStrategy(Strategy):
         return self.lora.initial_state(adapter_state)
 
     def client_config(self, server_round: int) -> dict[str, bool | int | float | str]:
-        return self.optimizer.client_config()
+        return self.optimizer.client_config() | self.aggregator.client_config()
 
     def downlink(self, global_state: Mapping[str, torch.Tensor]) -> tuple[TensorDict, TensorDict]:
         return self.lora.downlink(global_state)
@@ -80,8 +80,11 @@ class DeltaStrategy(Strategy):
         server_round: int,
         global_state: Mapping[str, torch.Tensor],
         ranks: Sequence[int] = (),
+        population: int | None = None,
     ) -> None:
         self.lora.begin(server_round, global_state, ranks)
+        sampled = len(ranks) or 1
+        self.aggregator.sampling(sampled, population or sampled)
         self.aggregator.begin(server_round)
         self._clipped = self._received = 0
 
@@ -122,10 +125,14 @@ class DeltaStrategy(Strategy):
         return metrics
 
     def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:
-        return self.optimizer.state_dict(), {"strategy": self.name}
+        meta: dict[str, Any] = {"strategy": self.name}
+        if aggregator := self.aggregator.state_dict():
+            meta["aggregator"] = aggregator
+        return self.optimizer.state_dict(), meta
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
         saved = meta.get("strategy")
         if saved is not None and saved != self.name:
             raise ValueError(f"checkpoint was written by strategy {saved!r}, not {self.name!r}")
         self.optimizer.load_state_dict(tensors)
+        self.aggregator.load_state_dict(meta.get("aggregator", {}))

@@ -95,6 +95,13 @@ class Task(ABC):
     ) -> Callable[[list[Any]], dict[str, torch.Tensor]]:
         """Turns drawn examples into a model batch with ``labels``."""
 
+    def example_mean_loss(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The mean over the batch's examples of each example's own loss, so that one
+        example's gradient depends on that example alone (what DP-SGD clips)."""
+        return model(**batch).loss
+
     @abstractmethod
     def evaluate(self, model: torch.nn.Module, loader: DataLoader) -> EvalResult:
         """Loss and accuracy over every example of ``loader``."""

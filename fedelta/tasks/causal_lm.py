@@ -66,6 +66,20 @@ class CausalLM(Task):
     ) -> Callable[[list[TokenizedChat]], dict[str, torch.Tensor]]:
         return functools.partial(pad_batch, pad_id=tokenizer.pad_token_id)
 
+    def example_mean_loss(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Each chat's mean loss over its own answer tokens, averaged over chats
+        (Hugging Face's loss averages over the batch's tokens, which couples examples)."""
+        labels = batch["labels"]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        wanted = labels[:, 1:]
+        per_token = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2).float(), wanted, ignore_index=IGNORE, reduction="none"
+        )
+        counted = (wanted != IGNORE).sum(dim=1).clamp_min(1)
+        return (per_token.sum(dim=1) / counted).mean()
+
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, loader: DataLoader) -> EvalResult:
         """Cross-entropy per response token and next-token accuracy on them."""

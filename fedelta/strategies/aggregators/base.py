@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -44,6 +44,23 @@ class Aggregator(ABC):
 
     def metrics(self) -> dict[str, float]:
         return {}
+
+    def sampling(self, sampled: int, population: int) -> None:
+        """Told, before :meth:`begin`, that ``sampled`` of ``population`` sites were asked
+        this round (client-level DP accounts and scales its noise with it)."""
+        return None
+
+    def client_config(self) -> dict[str, bool | int | float | str]:
+        """Settings sent to the sampled clients this round."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able values to checkpoint (a privacy accountant); most keep none."""
+        return {}
+
+    def load_state_dict(self, meta: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        return None
 
 
 class BufferedAggregator(Aggregator):
