@@ -232,6 +232,6 @@ def test_rejections_name_the_problem(content, message):
 def test_optional_norm_bound_rejects_instead_of_scaling():
     # ||ones|| over 6 + 6 + 4 entries = 4.0
     comp = _uplink({})
-    assert read_update(_reply(_ones()), LAYOUT, comp, 1, max_norm=4.0).num_examples == 10
+    assert read_update(_reply(_ones()), LAYOUT, comp, 1, max_norm=4.0).metrics.num_examples == 10
     with pytest.raises(InvalidUpdateError, match="update norm 40 exceeds max-update-norm 4"):
         read_update(_reply(_ones(10.0)), LAYOUT, comp, 1, max_norm=4.0)

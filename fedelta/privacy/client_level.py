@@ -118,6 +118,8 @@ class ClientLevelDP(Aggregator):
         sites in a securely aggregated sum. Sites weigh the same whatever their example
         counts: the bound on one site's influence needs it."""
         if self.central:
+            if weight != 1:
+                raise ValueError(f"central client-level DP takes one site per update, got {weight}")
             update, scaled = clip_to_norm(densify(update), self.settings.client_clip_norm)
             self._clipped += scaled
         self._mean.add(update, weight)

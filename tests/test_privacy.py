@@ -1,0 +1,439 @@
+"""Differential privacy and secure aggregation: real Opacus on the real MiniLM, Flower's
+SecAgg+ through real Flower simulations."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from flwr.common import bytes_to_ndarray
+from opacus.accountants import RDPAccountant
+
+from fedelta.client import app as client_app
+from fedelta.client.trainer import ClientTrainer
+from fedelta.compression.sparse import densify
+from fedelta.config import ConfigError, PrivacyConfig, RunConfig, load_config
+from fedelta.data import load_client_data
+from fedelta.models import adapter_state
+from fedelta.privacy.accounting import PrivacyAccountant, PrivacyBudgetError
+from fedelta.privacy.client_level import ClientLevelDP, add_noise_share
+from fedelta.privacy.dp_sgd import DPTrainingError, train_private
+from fedelta.protocol import Site
+from fedelta.simulations import simulate
+from fedelta.strategies import DeltaStrategy, build_strategy
+
+DELTA = 1e-5
+
+
+@pytest.fixture
+def dp_config(tiny_config) -> RunConfig:
+    return tiny_config.replace(
+        **{
+            "local-steps": 3,
+            "privacy.dp-sgd": True,
+            "privacy.noise-multiplier": 1.1,
+            "privacy.seeded-noise": True,
+        }
+    )
+
+
+def _trainer(config: RunConfig, partition: int = 0, partitions: int = 2) -> ClientTrainer:
+    return ClientTrainer(config, Site(partition, partitions, f"client-{partition}"))
+
+
+def _train_loss(trainer: ClientTrainer) -> float:
+    """Loss of the loaded model on the site's own training examples."""
+    loader = trainer.task.make_loader(
+        trainer.data.train.select(range(128)), trainer.tokenizer, 32, train=False
+    )
+    return trainer.task.evaluate(trainer.model, loader).loss
+
+
+# -- DP-SGD ------------------------------------------------------------------------------
+def test_dp_sgd_canary_every_tensor_trains_and_the_loss_goes_down(dp_config):
+    """Opacus issue 820: DP-LoRA can train 'normally' and leave adapters unusable. Here
+    every LoRA factor and the head must move in every round, and the model must fit."""
+    config = dp_config.replace(
+        **{"local-steps": 12, "batch-size": 16, "lr": 5e-3, "privacy.noise-multiplier": 0.5}
+    )
+    trainer = _trainer(config)
+    state = trainer.receive(adapter_state(trainer.model), {}, {})
+    before = _train_loss(trainer)
+    accountant = PrivacyAccountant()
+    for server_round in (1, 2):
+        start = trainer.receive(state, {}, {})
+        out = trainer.fit(start, server_round, accountant=accountant)
+        state = adapter_state(trainer.model)
+        unchanged = [k for k in start if torch.equal(state[k], start[k])]
+        assert unchanged == [], f"round {server_round}: DP-SGD left {unchanged} untouched"
+        assert all(any(part in k for k in start) for part in ("lora_A", "lora_B", "classifier"))
+        assert out.private is not None and out.private.epsilon > 0
+    assert not any(hasattr(p, "grad_sample") for p in trainer.model.parameters())
+    after = _train_loss(trainer)
+    assert after < before - 0.02, (before, after)
+
+
+def test_dp_sgd_off_takes_the_plain_path(tiny_config, monkeypatch):
+    """Privacy settings without dp-sgd change nothing: the same upload, bit for bit."""
+    import fedelta.client.trainer as trainer_module
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("DP-SGD ran with privacy.dp-sgd off")
+
+    plain = _trainer(tiny_config)
+    start = plain.receive(adapter_state(plain.model), {}, {})
+    expected = plain.fit(start, 1).upload
+    monkeypatch.setattr(trainer_module, "train_private", must_not_run)
+    quiet = tiny_config.replace(**{"privacy.noise-multiplier": 1.0, "privacy.target-epsilon": 3.0})
+    other = _trainer(quiet)
+    got = other.fit(other.receive(start, {}, {}), 1).upload
+    assert sorted(got.keys()) == sorted(expected.keys())
+    for key in expected.keys():
+        assert np.array_equal(got[key].numpy(), expected[key].numpy()), key
+
+
+def test_reported_epsilon_equals_opacus_accountant(dp_config):
+    trainer = _trainer(dp_config)
+    accountant = PrivacyAccountant()
+    state = adapter_state(trainer.model)
+    outs = []
+    for server_round in (1, 2):
+        outs.append(
+            trainer.fit(trainer.receive(state, {}, {}), server_round, accountant=accountant)
+        )
+    private = outs[-1].private
+    assert private.noise_multiplier == 1.1
+    # Poisson sampling at about batch-size / examples.
+    assert private.sample_rate == pytest.approx(8 / len(trainer.data.train), rel=0.02)
+    opacus = RDPAccountant()
+    for _ in range(2 * 3):
+        opacus.step(noise_multiplier=1.1, sample_rate=private.sample_rate)
+    assert private.epsilon == pytest.approx(opacus.get_epsilon(DELTA), rel=1e-12)
+    assert outs[0].private.epsilon < private.epsilon
+
+
+def test_a_site_past_its_budget_refuses_before_training(dp_config):
+    """target-epsilon with a derived noise: all rounds fit the budget, one more does not."""
+    config = dp_config.replace(
+        **{"privacy.noise-multiplier": 0.0, "privacy.target-epsilon": 2.0, "num-server-rounds": 1}
+    )
+    trainer = _trainer(config)
+    accountant = PrivacyAccountant()
+    state = adapter_state(trainer.model)
+    first = trainer.fit(trainer.receive(state, {}, {}), 1, accountant=accountant)
+    assert 1.99 - 0.01 <= first.private.epsilon <= 2.0
+    start = trainer.receive(adapter_state(trainer.model), {}, {})
+    with pytest.raises(PrivacyBudgetError, match=r"privacy budget spent: epsilon [\d.]+ of 2 used"):
+        trainer.fit(start, 2, accountant=accountant)
+    assert all(torch.equal(v, start[k]) for k, v in adapter_state(trainer.model).items())
+    assert accountant.epsilon(DELTA) == first.private.epsilon
+
+
+def test_an_empty_poisson_batch_is_still_a_noised_accounted_step(dp_config):
+    trainer = _trainer(dp_config)
+    examples = trainer.task.examples(
+        trainer.data.train.select(range(4)), trainer.tokenizer, train=True
+    )
+    collate = trainer.task.collate_fn(trainer.tokenizer)
+    drawn = []
+
+    def counting(batch):
+        drawn.append(len(batch))
+        return collate(batch)
+
+    start = adapter_state(trainer.model)
+    torch.manual_seed(0)
+    accountant = PrivacyAccountant()
+    out = train_private(
+        trainer.model,
+        trainer.task,
+        examples,
+        counting,
+        batch_size=1,
+        steps=12,
+        rounds=1,
+        lr=1e-3,
+        weight_decay=0.0,
+        settings=dp_config.privacy,
+        accountant=accountant,
+        seed_parts=(1,),
+    )
+    assert len(drawn) < 12, "no empty batch drawn; pick another seed"
+    assert accountant.history == [(1.1, 0.25, 12)]
+    after = adapter_state(trainer.model)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert not all(torch.equal(after[k], start[k]) for k in start)
+    assert out.result.steps == 12
+
+
+def test_parameters_without_true_per_example_gradients_are_refused(dp_config):
+    """BERT's position embeddings are added once for the whole batch: Opacus would clip
+    their gradient as one example's. Training stops and names them."""
+    trainer = _trainer(dp_config.replace(**{"model.finetuning": "full"}))
+    positions = next(
+        p for n, p in trainer.model.named_parameters() if n.endswith("position_embeddings.weight")
+    )
+    examples = trainer.task.examples(
+        trainer.data.train.select(range(32)), trainer.tokenizer, train=True
+    )
+    positions.requires_grad_(True)
+    try:
+        with pytest.raises(DPTrainingError, match="position_embeddings"):
+            train_private(
+                trainer.model,
+                trainer.task,
+                examples,
+                trainer.task.collate_fn(trainer.tokenizer),
+                batch_size=8,
+                steps=1,
+                rounds=1,
+                lr=1e-3,
+                weight_decay=0.0,
+                settings=dp_config.privacy,
+                accountant=PrivacyAccountant(),
+                seed_parts=(1,),
+            )
+    finally:
+        positions.requires_grad_(False)
+    assert not any(hasattr(p, "grad_sample") for p in trainer.model.parameters())
+
+
+# -- client-level DP ---------------------------------------------------------------------
+def _settings(**overrides) -> PrivacyConfig:
+    base = {"client_dp": "central", "client_clip_norm": 1.0, "client_noise_multiplier": 2.0}
+    return PrivacyConfig(**{**base, "seeded_noise": True, **overrides})
+
+
+def test_central_client_dp_clips_weighs_equally_and_adds_the_right_noise():
+    dp = ClientLevelDP(_settings(), rounds=3, seed=0)
+    dp.sampling(4, 10)
+    dp.begin(1)
+    big = {"w": torch.full((200_000,), 0.01)}  # norm 4.47: clipped to 1
+    small = {"w": torch.full((200_000,), 0.001)}  # norm 0.447: kept
+    dp.add(big, 1.0)
+    dp.add(small, 1.0)
+    with pytest.raises(ValueError, match="one site per update"):
+        dp.add(small, 500.0)  # an example count: the bound on one site would not hold
+    mean = dp.result()["w"]
+    # Fixed denominator: the 4 sampled sites, of which 2 replied.
+    expected = (torch.full((200_000,), 1 / math.sqrt(200_000)) + 0.001) / 4
+    noise = mean - expected
+    assert noise.mean().abs() < 0.01
+    assert noise.std().item() == pytest.approx(2.0 * 1.0 / 4, rel=0.01)
+    assert dp.metrics()["clients-clipped"] == 1.0
+
+
+def test_distributed_noise_shares_sum_to_the_central_mechanism():
+    generator = torch.Generator().manual_seed(0)
+    m = 16
+    shares = [
+        add_noise_share({"w": torch.zeros(100_000)}, 0.5, 3.0, m, generator)[0]["w"]
+        for _ in range(m)
+    ]
+    assert shares[0].std().item() == pytest.approx(3.0 * 0.5 / math.sqrt(m), rel=0.01)
+    assert sum(shares).std().item() == pytest.approx(3.0 * 0.5, rel=0.01)
+    clipped, scaled = add_noise_share({"w": torch.full((4,), 10.0)}, 0.5, 0.0, 1, generator)
+    assert scaled and torch.linalg.vector_norm(clipped["w"]).item() == pytest.approx(0.5)
+
+
+def test_client_level_epsilon_is_opacus_rdp_over_rounds_and_survives_a_resume():
+    dp = ClientLevelDP(_settings(), rounds=3, seed=0)
+    for server_round in (1, 2):
+        dp.sampling(3, 10)
+        dp.begin(server_round)
+        dp.add({"w": torch.ones(4)}, 1.0)
+        dp.result()
+    resumed = ClientLevelDP(_settings(), rounds=3, seed=0)
+    resumed.load_state_dict(dp.state_dict())
+    resumed.sampling(3, 10)
+    resumed.begin(3)
+    resumed.add({"w": torch.ones(4)}, 1.0)
+    resumed.result()
+    opacus = RDPAccountant()
+    for _ in range(3):
+        opacus.step(noise_multiplier=2.0, sample_rate=0.3)
+    assert resumed.metrics()["client-dp-epsilon"] == pytest.approx(opacus.get_epsilon(DELTA))
+
+
+def test_client_level_target_epsilon_derives_the_noise():
+    dp = ClientLevelDP(
+        _settings(client_noise_multiplier=0.0, client_target_epsilon=4.0), rounds=5, seed=0
+    )
+    for server_round in range(1, 6):
+        dp.sampling(2, 8)
+        dp.begin(server_round)
+        dp.add({"w": torch.ones(4)}, 1.0)
+        dp.result()
+    assert 3.99 - 0.01 <= dp.metrics()["client-dp-epsilon"] <= 4.0
+    assert dp.noise_multiplier > 0
+
+
+# -- refused combinations -----------------------------------------------------------------
+SECURE = {"privacy.secure-aggregation": True, "min-train-nodes": 3, "min-available-nodes": 3}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({**SECURE, "strategy.lora": "fedex"}, "is not linear"),
+        ({**SECURE, "strategy.robust": "median"}, "is not linear"),
+        ({**SECURE, "strategy.robust": "ties"}, "is not linear"),
+        ({**SECURE, "strategy.clip-norm": 1.0}, "is not linear"),
+        ({**SECURE, "compression.sparsity": "top-k"}, "each client sends different coordinates"),
+        ({**SECURE, "compression.quantization": "int8"}, "quantizes uploads itself"),
+        ({**SECURE, "lora.client-ranks": "4,8"}, "different shapes"),
+        ({**SECURE, "max-update-norm": 5.0}, "cannot see one update's norm"),
+        (
+            {**SECURE, "privacy.client-dp": "central", "privacy.client-noise-multiplier": 1.0},
+            'use "distributed"',
+        ),
+        ({"privacy.secure-aggregation": True}, "with two clients each learns"),
+        ({"privacy.dp-sgd": True}, "needs privacy.noise-multiplier or privacy.target-epsilon"),
+        (
+            {"privacy.dp-sgd": True, "privacy.target-epsilon": 3.0, "strategy.name": "fedprox"},
+            "proximal term",
+        ),
+        (
+            {
+                "privacy.dp-sgd": True,
+                "privacy.target-epsilon": 3.0,
+                "gradient-accumulation-steps": 2,
+            },
+            "raise batch-size",
+        ),
+        (
+            {
+                "privacy.dp-sgd": True,
+                "privacy.target-epsilon": 3.0,
+                "compression.sparsity": "spiel",
+            },
+            "training-time masks",
+        ),
+        ({"privacy.client-dp": "central"}, "needs privacy.client-noise-multiplier"),
+        (
+            {
+                "privacy.client-dp": "central",
+                "privacy.client-target-epsilon": 1.0,
+                "strategy.robust": "krum",
+            },
+            "needs strategy.robust",
+        ),
+        ({"privacy.delta": 0.0}, "privacy.delta"),
+    ],
+)
+def test_privacy_settings_that_cannot_hold_are_refused_before_training(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        RunConfig.from_flat(overrides)
+
+
+def test_secure_aggregation_takes_linear_strategies():
+    for lora in ("naive", "ffa", "fedsa"):
+        RunConfig.from_flat({**SECURE, "strategy.lora": lora, "strategy.name": "fedadam"})
+    RunConfig.from_flat({**SECURE, "compression.sparsity": "random-mask"})
+    RunConfig.from_flat(
+        {**SECURE, "privacy.client-dp": "distributed", "privacy.client-target-epsilon": 3.0}
+    )
+
+
+@pytest.mark.parametrize("name", ["dp-sgd.toml", "client-dp.toml", "secure-aggregation.toml"])
+def test_privacy_examples_load(name):
+    from pathlib import Path
+
+    config = load_config(Path(__file__).parent.parent / "examples" / name)
+    p = config.privacy
+    assert p.dp_sgd or p.client_dp != "none" or p.secure_aggregation
+
+
+# -- through Flower ------------------------------------------------------------------------
+class RecordingStrategy(DeltaStrategy):
+    """The configured strategy, keeping what the server accumulated (per site, or the
+    secure sum)."""
+
+    def __init__(self, config: RunConfig) -> None:
+        built = build_strategy(config)
+        super().__init__(built.lora, built.optimizer, built.aggregator, built.clip_norm)
+        self.received: list[tuple[dict[str, torch.Tensor], float]] = []
+
+    def accumulate(self, delta, num_examples, rank=None):
+        self.received.append(({k: v.clone() for k, v in densify(delta).items()}, num_examples))
+        super().accumulate(delta, num_examples, rank)
+
+
+def _drop_out_site_3(msg, context):
+    """Site 3 takes part in key sharing, then crashes while training (mid-protocol)."""
+    if int(context.node_config["partition-id"]) == 3:
+        raise RuntimeError("site 3 lost power")
+    return client_app.train(msg, context)
+
+
+dropping_app = client_app.with_train(_drop_out_site_3)
+
+
+@pytest.mark.slow
+def test_secure_aggregation_masks_uploads_and_recovers_fedavg_after_a_dropout(
+    tiny_config, tmp_path, monkeypatch
+):
+    import ray.cloudpickle
+
+    from fedelta.privacy import secure_aggregation
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    config = tiny_config.replace(
+        **{
+            "fraction-evaluate": 0.0,
+            "simulation.num-supernodes": 4,
+            "simulation.client-cpus": 1.0,
+            "min-train-nodes": 4,
+            "min-available-nodes": 4,
+        }
+    )
+    plain = RecordingStrategy(config)
+    simulate(config.replace(output_dir=str(tmp_path / "plain")), strategy=plain, progress=False)
+    assert len(plain.received) == 4
+
+    masked_uploads: list[list[np.ndarray]] = []
+    stage = secure_aggregation._Protocol.stage
+
+    def recording_stage(self, name, contents, keep_replies=False):
+        answers = stage(self, name, contents, keep_replies)
+        if name == "collect masked vectors":
+            for record in answers.values():
+                masked_uploads.append([bytes_to_ndarray(b) for b in record["masked_params"]])
+        return answers
+
+    monkeypatch.setattr(secure_aggregation._Protocol, "stage", recording_stage)
+    secure = RecordingStrategy(config)
+    result = simulate(
+        config.replace(
+            **{"output_dir": str(tmp_path / "secure"), "privacy.secure-aggregation": True}
+        ),
+        strategy=secure,
+        client_app=dropping_app,
+        progress=False,
+    )
+    row = result.rows[1]
+    assert row["clients-replied"] == 3
+    assert list(row["clients-failed"]) == ["client-3"]
+    assert "collect masked vectors stage" in row["clients-failed"]["client-3"]
+    assert "site 3 lost power" in row["clients-failed"]["client-3"]
+
+    # The server saw three masked uploads, none of them readable: a quantized plain
+    # upload lies in [0, 2**22], a masked one is spread over [0, 2**32).
+    assert len(masked_uploads) == 3
+    for upload in masked_uploads:
+        values = np.concatenate([a.ravel() for a in upload[1:]]).astype(np.float64)
+        assert np.mean(values <= 2**22) < 0.01
+
+    # What it aggregated is FedAvg of the three survivors, to the quantization step.
+    ((mean, weight),) = secure.received
+    dropped = len(load_client_data(config.data, config.seed, 4, 3).train)
+    assert [w for _, w in plain.received].count(dropped) == 1
+    kept = [(d, w) for d, w in plain.received if w != dropped]
+    total = sum(w for _, w in kept)
+    assert weight == pytest.approx(total, rel=1e-4)
+    for name, value in mean.items():
+        expected = sum(w * d[name] for d, w in kept) / total
+        assert torch.allclose(value, expected, atol=2e-5), name
