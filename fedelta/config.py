@@ -585,6 +585,8 @@ class RunConfig:
 
     def _validate_privacy(self) -> None:
         """DP and secure-aggregation settings that could not give what they promise."""
+        from fedelta.strategies import LORA_AGGREGATIONS
+
         p = self.privacy
         if p.dp_sgd:
             if not p.noise_multiplier and not p.target_epsilon:
@@ -618,6 +620,12 @@ class RunConfig:
                 raise ConfigError(
                     "config key 'privacy.client-dp' needs privacy.client-noise-multiplier or "
                     "privacy.client-target-epsilon (both are 0)"
+                )
+            if p.client_dp == "distributed" and not LORA_AGGREGATIONS[self.strategy.lora].linear:
+                raise ConfigError(
+                    "config key 'privacy.client-dp' = \"distributed\" relies on the noise shares "
+                    f"adding up, but strategy.lora = {self.strategy.lora!r} does not combine "
+                    "uploads by summing them; use naive, ffa or fedsa (ffa recommended)"
                 )
             if self.strategy.robust != "mean" or self.strategy.clip_norm:
                 raise ConfigError(

@@ -201,6 +201,36 @@ def test_parameters_without_true_per_example_gradients_are_refused(dp_config):
     assert not any(hasattr(p, "grad_sample") for p in trainer.model.parameters())
 
 
+def test_dp_sgd_on_a_causal_lm_trains_every_adapter_with_per_chat_losses(chat_config):
+    config = chat_config.replace(
+        **{
+            "local-steps": 2,
+            "privacy.dp-sgd": True,
+            "privacy.noise-multiplier": 0.8,
+            "privacy.seeded-noise": True,
+        }
+    )
+    trainer = _trainer(config, 0, 3)
+    chats = trainer.task.examples(
+        trainer.data.train.select(range(3)), trainer.tokenizer, train=True
+    )
+    collate = trainer.task.collate_fn(trainer.tokenizer)
+    with torch.no_grad():
+        # One chat: its own token mean is Hugging Face's loss; several: a mean of means.
+        one = collate(chats[:1])
+        assert trainer.task.example_mean_loss(trainer.model, one).item() == pytest.approx(
+            trainer.model(**one).loss.item(), rel=1e-5
+        )
+        each = [trainer.task.example_mean_loss(trainer.model, collate([c])) for c in chats]
+        joint = trainer.task.example_mean_loss(trainer.model, collate(chats))
+        assert joint.item() == pytest.approx(torch.stack(each).mean().item(), rel=1e-4)
+    start = trainer.receive(adapter_state(trainer.model), {}, {})
+    out = trainer.fit(start, 1, accountant=PrivacyAccountant())
+    after = adapter_state(trainer.model)
+    assert [k for k in start if torch.equal(after[k], start[k])] == []
+    assert out.private.epsilon > 0
+
+
 # -- client-level DP ---------------------------------------------------------------------
 def _settings(**overrides) -> PrivacyConfig:
     base = {"client_dp": "central", "client_clip_norm": 1.0, "client_noise_multiplier": 2.0}
@@ -313,6 +343,14 @@ SECURE = {"privacy.secure-aggregation": True, "min-train-nodes": 3, "min-availab
             "training-time masks",
         ),
         ({"privacy.client-dp": "central"}, "needs privacy.client-noise-multiplier"),
+        (
+            {
+                "privacy.client-dp": "distributed",
+                "privacy.client-target-epsilon": 1.0,
+                "strategy.lora": "fedex",
+            },
+            "noise shares adding up",
+        ),
         (
             {
                 "privacy.client-dp": "central",
@@ -437,3 +475,60 @@ def test_secure_aggregation_masks_uploads_and_recovers_fedavg_after_a_dropout(
     for name, value in mean.items():
         expected = sum(w * d[name] for d, w in kept) / total
         assert torch.allclose(value, expected, atol=2e-5), name
+
+
+@pytest.mark.slow
+def test_dp_sgd_through_flower_reports_epsilon_and_goes_on_without_a_spent_site(tiny_config):
+    """Sites with fewer examples sample at a higher rate and spend faster. The budget is
+    set so that every site affords round 1 and only the fastest spender would overrun
+    in round 2: it refuses (and says why), the others train, and every round's metrics
+    carry epsilon."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    sites, steps, noise = 3, 3, 1.0
+    config = tiny_config.replace(
+        **{
+            "num-server-rounds": 3,
+            "min-train-nodes": sites,
+            "min-available-nodes": sites,
+            "local-steps": steps,
+            "fraction-evaluate": 0.0,
+            "simulation.num-supernodes": sites,
+            "simulation.client-cpus": 1.0,
+            "privacy.dp-sgd": True,
+            "privacy.noise-multiplier": noise,
+            "privacy.seeded-noise": True,
+        }
+    )
+
+    def spent(partition: int, rounds: int) -> float:
+        n = len(load_client_data(config.data, config.seed, sites, partition).train)
+        batches = math.ceil(n / 8)  # Opacus: 1 / len(a Poisson loader over n examples)
+        rate = 1 / len(UniformWithReplacementSampler(num_samples=n, sample_rate=1 / batches))
+        return PrivacyAccountant([(noise, rate, rounds * steps)]).epsilon(DELTA)
+
+    after_two = sorted(((spent(p, 2), p) for p in range(sites)), reverse=True)
+    (top, fastest), (second, _) = after_two[0], after_two[1]
+    # Every site affords round 1; in round 2 only the fastest spender would overrun.
+    lower = max(second, *(spent(p, 1) for p in range(sites)))
+    assert lower < top
+    budget = (lower + top) / 2
+    result = simulate(config.replace(**{"privacy.target-epsilon": budget}), progress=False)
+    first, second_round = result.rows[1], result.rows[2]
+    assert first["clients-replied"] == sites
+    assert first["dp-epsilon-by-site"] == pytest.approx(
+        {f"client-{p}": spent(p, 1) for p in range(sites)}
+    )
+    assert first["dp-epsilon"] == pytest.approx(max(spent(p, 1) for p in range(sites)))
+    assert second_round["clients-replied"] == sites - 1
+    why = second_round["clients-failed"][f"client-{fastest}"]
+    assert why.startswith("refused: privacy budget spent")
+    assert second_round["dp-epsilon-by-site"][f"client-{fastest}"] == pytest.approx(
+        spent(fastest, 1)
+    )
+    assert result.summary["dp-epsilon"] <= budget
+    # Round 3 would need all three sites (min-train-nodes): the run ends after round 2
+    # and still exports its model.
+    assert len(result.rows) == 3
+    assert "training stopped after round 2" in result.summary["stopped-early"]
+    assert result.adapter_dir.is_dir()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,8 +106,14 @@ def train_private(
     if not examples:
         raise ValueError("no example to train on")
     # Poisson sampling at rate 1 / (batches per epoch), exactly as Opacus accounts it.
+    # Opacus reads the shape of each field of the first example: give it 1-tuples.
+    wrapped = [(example,) for example in examples]
     poisson = DPDataLoader.from_data_loader(
-        DataLoader(examples, batch_size=batch_size, collate_fn=collate_fn)
+        DataLoader(
+            wrapped,
+            batch_size=batch_size,
+            collate_fn=lambda drawn: collate_fn([example for (example,) in drawn]),
+        )
     )
     sample_rate = 1 / len(poisson)
     noise_multiplier = plan_noise(settings, sample_rate, steps, rounds)
@@ -133,7 +139,8 @@ def train_private(
     try:
         dp_optimizer.zero_grad(set_to_none=True)
         for batch in cycle(dp_loader, steps):
-            size = next(iter(batch.values())).shape[0]
+            # An empty draw: a list before any example was drawn, else empty tensors.
+            size = next(iter(batch.values())).shape[0] if isinstance(batch, Mapping) else 0
             if size == 0:
                 # Poisson sampling drew nobody: still a noised (all-noise) step.
                 for p in params:
