@@ -275,8 +275,11 @@ class PrivacyConfig:
     fails the round with a message naming it, rather than being clipped silently."""
     secagg_quantization_range: int = 4194304
     """SecAgg+: integer levels over the clipping range (2**22)."""
-    secagg_max_weight: float = 100000.0
-    """SecAgg+: the largest example count a site may weight its upload with."""
+    secagg_max_weight: float = 1000.0
+    """SecAgg+: the example count that maps to the full quantization range (precision
+    per entry: 2 x clipping-range / quantization-range x max-weight / examples); a site
+    with more examples must keep its entries within clipping-range x max-weight /
+    examples. Unused under client-level DP (every site weighs 1)."""
 
 
 @dataclass

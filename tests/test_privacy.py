@@ -385,6 +385,106 @@ def test_privacy_examples_load(name):
     assert p.dp_sgd or p.client_dp != "none" or p.secure_aggregation
 
 
+# -- SecAgg+ protocol ----------------------------------------------------------------------
+@pytest.fixture
+def in_process_messages():
+    """Flower messages outside a Flower runtime need a task identity; restored after."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.mark.parametrize(
+    "leaves_at", [None, "setup", "share_keys", "collect_masked_vectors", "unmask"]
+)
+def test_secagg_protocol_recovers_the_weighted_mean_whichever_stage_a_site_leaves(
+    in_process_messages, leaves_at
+):
+    """Five sites with known uploads; site 5 leaves at ``leaves_at``. Before it masked
+    anything its upload is simply absent; after sharing keys its pairwise masks are
+    rebuilt from its neighbours' shares; if it leaves while unmasking, its upload is
+    already in the sum and its own mask is removed with the others' shares."""
+    from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from fedelta import protocol
+    from fedelta.privacy.secure_aggregation import (
+        SecAggPlus,
+        masked_upload,
+        secure_aggregation_mod,
+    )
+
+    settings = PrivacyConfig(secure_aggregation=True)
+    rng = np.random.default_rng(0)
+    uploads = {
+        nid: {
+            "a": rng.uniform(-0.5, 0.5, (3, 4)).astype(np.float32),
+            "b": rng.uniform(-0.5, 0.5, 7).astype(np.float32),
+        }
+        for nid in range(1, 6)
+    }
+    weights = {nid: 100 * nid + 7 for nid in uploads}
+
+    def leave(msg, context, call_next):
+        stage = msg.content.config_records["secaggplus_configs"].get("stage")
+        if context.node_id == 5 and stage == leaves_at:
+            raise RuntimeError(f"site 5 left at {stage}")
+        return call_next(msg, context)
+
+    app = ClientApp(mods=[leave, secure_aggregation_mod])
+
+    @app.train()
+    def train(msg, context):
+        nid = context.node_id
+        record = ArrayRecord({k: Array(v) for k, v in uploads[nid].items()})
+        content = masked_upload(record, weights[nid], settings)
+        content[protocol.METRICS] = MetricRecord({protocol.NUM_EXAMPLES: weights[nid]})
+        return Message(content, reply_to=msg)
+
+    contexts = {
+        nid: Context(run_id=1, node_id=nid, node_config={}, state=RecordDict(), run_config={})
+        for nid in uploads
+    }
+
+    def exchange(messages, timeout):
+        for msg in messages:
+            nid = msg.metadata.dst_node_id
+            try:
+                yield nid, app(msg, contexts[nid])
+            except RuntimeError as err:
+                yield nid, Message(Error(code=0, reason=str(err)), reply_to=msg)
+
+    outcome = SecAggPlus(settings).run(exchange, {nid: RecordDict() for nid in uploads}, 1)
+    counted = set(uploads) - ({5} if leaves_at not in (None, "unmask") else set())
+    assert outcome.contributors == counted
+    assert (5 in outcome.failed) == (leaves_at is not None)
+    total = sum(weights[n] for n in counted)
+    assert outcome.total_weight == pytest.approx(total, rel=1e-4)
+    for name in ("a", "b"):
+        expected = sum(weights[n] * uploads[n][name] for n in counted) / total
+        np.testing.assert_allclose(outcome.mean[name].numpy(), expected, atol=1e-5)
+
+
+def test_an_upload_outside_the_secagg_range_fails_loudly():
+    from flwr.app import Array, ArrayRecord
+
+    from fedelta.privacy.secure_aggregation import masked_upload
+
+    big = ArrayRecord({"lora_B": Array(np.array([0.1, -2.5], dtype=np.float32))})
+    with pytest.raises(ValueError, match="2.5 in 'lora_B' exceeds 1 "):
+        masked_upload(big, 10, PrivacyConfig())
+    # A site with 4x max-weight examples has its upload scaled by 4 before quantizing.
+    with pytest.raises(ValueError, match="0.3 in 'lora_B' exceeds 0.25 "):
+        masked_upload(
+            ArrayRecord({"lora_B": Array(np.array([0.3], dtype=np.float32))}),
+            16,
+            PrivacyConfig(secagg_max_weight=4),
+        )
+
+
 # -- through Flower ------------------------------------------------------------------------
 class RecordingStrategy(DeltaStrategy):
     """The configured strategy, keeping what the server accumulated (per site, or the

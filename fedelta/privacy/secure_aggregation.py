@@ -88,22 +88,34 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     return call_next(msg, context)
 
 
+def max_weight(settings: PrivacyConfig) -> float:
+    """The weight that maps to the full quantization range. Flower's mod multiplies an
+    upload by ``weight / max-weight`` before quantizing, so the precision of a site's
+    upload is ``2 x clipping-range / quantization-range x max-weight / weight``. Under
+    client-level DP every site weighs 1, and so does the maximum."""
+    return 1.0 if settings.client_dp != "none" else settings.secagg_max_weight
+
+
 def masked_upload(upload: ArrayRecord, weight: int, settings: PrivacyConfig) -> RecordDict:
     """The records ``secaggplus_mod`` masks: the upload's arrays in name order with the
     weight (in the legacy ``fitres`` form Flower's mod reads), plus the names.
 
-    Raises ``ValueError`` for an entry outside ``secagg-clipping-range``: Flower's
-    quantizer would clip it silently and the aggregate would be wrong."""
+    Raises ``ValueError`` for an entry that, scaled by ``weight / max-weight``, falls
+    outside ``secagg-clipping-range``: Flower's quantizer would clip it silently and
+    the aggregate would be wrong."""
     names = sorted(upload.keys())
     arrays = [upload[name].numpy() for name in names]
+    limit = settings.secagg_clipping_range * min(1.0, max_weight(settings) / weight)
     for name, array in zip(names, arrays, strict=True):
         if not np.issubdtype(array.dtype, np.floating):
             raise ValueError(f"secure aggregation needs float uploads; '{name}' is {array.dtype}")
         largest = float(np.abs(array).max()) if array.size else 0.0
-        if largest > settings.secagg_clipping_range:
+        if largest > limit:
             raise ValueError(
-                f"upload entry {largest:.4g} in '{name}' exceeds privacy.secagg-clipping-range "
-                f"{settings.secagg_clipping_range:g}; raise it (at some cost in precision)"
+                f"upload entry {largest:.4g} in '{name}' exceeds {limit:.4g} (privacy.secagg-"
+                f"clipping-range {settings.secagg_clipping_range:g} x max-weight "
+                f"{max_weight(settings):g} / weight {weight}); raise secagg-clipping-range "
+                "(at some cost in precision) or secagg-max-weight"
             )
     fitres = FitRes(
         status=Status(code=Code.OK, message=""),
@@ -194,7 +206,7 @@ class SecAggPlus:
             Key.CLIPPING_RANGE: float(self.settings.secagg_clipping_range),
             Key.TARGET_RANGE: int(self.settings.secagg_quantization_range),
             Key.MOD_RANGE: MODULUS_RANGE,
-            Key.MAX_WEIGHT: float(self.settings.secagg_max_weight),
+            Key.MAX_WEIGHT: max_weight(self.settings),
         }
         public = state.stage(
             "setup", {nid: RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(setup)}) for nid in nodes}
@@ -310,7 +322,7 @@ class SecAggPlus:
         mean = ArrayRecord()
         for name, array in zip(names, summed, strict=True):
             mean[name] = Array(((array + offset) * (levels / weight_sum)).astype(np.float32))
-        masked_weight = weight_sum / levels * self.settings.secagg_max_weight
+        masked_weight = weight_sum / levels * max_weight(self.settings)
         return SecureRound(mean, masked_weight, survivors, state.replies, state.failed)
 
 
