@@ -22,6 +22,7 @@ from fedelta.privacy.accounting import PrivacyAccountant, PrivacyBudgetError
 from fedelta.privacy.client_level import ClientLevelDP, add_noise_share
 from fedelta.privacy.dp_sgd import DPTrainingError, train_private
 from fedelta.protocol import Site
+from fedelta.server.checkpoint import load_checkpoint
 from fedelta.simulations import simulate
 from fedelta.strategies import DeltaStrategy, build_strategy
 
@@ -130,6 +131,20 @@ def test_a_site_past_its_budget_refuses_before_training(dp_config):
         trainer.fit(start, 2, accountant=accountant)
     assert all(torch.equal(v, start[k]) for k, v in adapter_state(trainer.model).items())
     assert accountant.epsilon(DELTA) == first.private.epsilon
+
+
+def test_a_site_takes_over_the_servers_ledger_after_a_resume():
+    """Node states last one run: after a resume a site's own accountant is empty, and the
+    server's checkpointed ledger of what it reported is what it has spent."""
+    ledger = PrivacyAccountant()
+    ledger.spend(1.1, 0.01, 25)
+    ledger.spend(1.1, 0.01, 25)
+    assert ledger.history == [(1.1, 0.01, 50)]
+    sent = PrivacyAccountant.from_record(ledger.to_record())
+    fresh = PrivacyAccountant()
+    assert fresh.at_least(sent, DELTA).history == ledger.history
+    assert ledger.at_least(PrivacyAccountant([(1.1, 0.01, 10)]), DELTA) is ledger
+    assert PrivacyAccountant.from_meta(ledger.to_meta()).epsilon(DELTA) == ledger.epsilon(DELTA)
 
 
 def test_an_empty_poisson_batch_is_still_a_noised_accounted_step(dp_config):
@@ -632,3 +647,9 @@ def test_dp_sgd_through_flower_reports_epsilon_and_goes_on_without_a_spent_site(
     assert len(result.rows) == 3
     assert "training stopped after round 2" in result.summary["stopped-early"]
     assert result.adapter_dir.is_dir()
+    # The checkpoint keeps each site's mechanisms: a resumed run charges them again.
+    ledger = load_checkpoint(result.run_dir).privacy
+    for site, spent_so_far in second_round["dp-epsilon-by-site"].items():
+        assert PrivacyAccountant.from_meta(ledger[site]).epsilon(DELTA) == pytest.approx(
+            spent_so_far
+        )

@@ -51,6 +51,8 @@ def train(msg: Message, context: Context) -> Message:
     strategy = msg.content.config_records.get(protocol.STRATEGY)
     memory = ClientMemory.load(context.state)
     accountant = PrivacyAccountant.load(context.state)
+    if (reported := msg.content.config_records.get(protocol.DP_SPENT)) is not None:
+        accountant = accountant.at_least(PrivacyAccountant.from_record(reported), privacy.delta)
     try:
         out = trainer.fit(start, server_round, strategy, memory, accountant)
     except PrivacyBudgetError as err:
@@ -67,14 +69,14 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {
         protocol.NUM_EXAMPLES: len(trainer.data.train),
         protocol.TRAIN_LOSS: out.result.loss,
-        "train-steps": out.result.steps,
+        protocol.TRAIN_STEPS: out.result.steps,
     }
     if out.private is not None:
         accountant.save(context.state)
         metrics |= {
             protocol.DP_EPSILON: out.private.epsilon,
-            "dp-noise-multiplier": out.private.noise_multiplier,
-            "dp-sample-rate": out.private.sample_rate,
+            protocol.DP_NOISE: out.private.noise_multiplier,
+            protocol.DP_RATE: out.private.sample_rate,
         }
     if privacy.secure_aggregation:
         # Client-level DP weighs every site the same; otherwise by example count.

@@ -67,9 +67,8 @@ class PrivacyAccountant:
         rows = (meta or {}).get("history", [])
         return cls([(float(z), float(q), int(n)) for z, q, n in rows])
 
-    def save(self, state: RecordDict) -> None:
-        """Write into a node's ``Context.state``."""
-        state[self.RECORD] = ConfigRecord(
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
             {
                 "noise-multiplier": [m[0] for m in self.history],
                 "sample-rate": [m[1] for m in self.history],
@@ -78,19 +77,24 @@ class PrivacyAccountant:
         )
 
     @classmethod
+    def from_record(cls, record: ConfigRecord) -> PrivacyAccountant:
+        columns = (record["noise-multiplier"], record["sample-rate"], record["steps"])
+        return cls([(float(z), float(q), int(n)) for z, q, n in zip(*columns, strict=True)])
+
+    def save(self, state: RecordDict) -> None:
+        """Write into a node's ``Context.state``."""
+        state[self.RECORD] = self.to_record()
+
+    @classmethod
     def load(cls, state: RecordDict) -> PrivacyAccountant:
         """What a node's ``Context.state`` holds (empty before its first private round)."""
         record = state.config_records.get(cls.RECORD)
-        if record is None:
-            return cls()
-        return cls(
-            [
-                (float(z), float(q), int(n))
-                for z, q, n in zip(
-                    record["noise-multiplier"], record["sample-rate"], record["steps"], strict=True
-                )
-            ]
-        )
+        return cls() if record is None else cls.from_record(record)
+
+    def at_least(self, other: PrivacyAccountant, delta: float) -> PrivacyAccountant:
+        """Whichever of the two has spent more. A site's ``Context.state`` lasts one run;
+        after a resume the server's ledger of what the site reported is the longer one."""
+        return other if other.epsilon(delta) > self.epsilon(delta) else self
 
 
 def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ class Checkpoint:
     strategy_tensors: dict[str, torch.Tensor]
     strategy_meta: dict[str, Any]
     rng_state: dict[str, Any]
+    privacy: dict[str, Any] = field(default_factory=dict)
+    """Each site's DP-SGD mechanisms so far (what its replies reported)."""
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
@@ -46,6 +48,7 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
         "server-round": str(checkpoint.server_round),
         "strategy": json.dumps(checkpoint.strategy_meta),
         "rng": json.dumps(checkpoint.rng_state),
+        "privacy": json.dumps(checkpoint.privacy),
     }
     payload = save_safetensors(tensors, metadata=metadata)
     target = run_dir / FILENAME
@@ -82,4 +85,5 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         },
         strategy_meta=json.loads(metadata["strategy"]),
         rng_state=json.loads(metadata["rng"]),
+        privacy=json.loads(metadata.get("privacy", "{}")),
     )

@@ -28,6 +28,7 @@ from fedelta.compression import UplinkCompression
 from fedelta.config import RUN_CONFIG_FILE, ConfigError, RunConfig, load_config
 from fedelta.data import label_names, load_corpus
 from fedelta.merging.rounds import RoundStates, merged_export
+from fedelta.privacy.accounting import PrivacyAccountant
 from fedelta.privacy.secure_aggregation import SecAggPlus, SecureAggregationError
 from fedelta.server.checkpoint import FILENAME as CHECKPOINT_FILE
 from fedelta.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -90,6 +91,9 @@ class Federation:
         """Nodes whose site config this run cannot use (reported once)."""
         self.exhausted: set[str] = set()
         """Sites whose DP-SGD budget is spent: never sampled again in this run."""
+        self.dp_ledger: dict[str, PrivacyAccountant] = {}
+        """What each site reported spending under DP-SGD (checkpointed: a resumed run
+        starts with fresh node states, and sites take this over)."""
         self.compression = UplinkCompression(self.config.compression, self.config.seed)
         self.task = build_task(self.config)
         self.round_states = RoundStates(run_dir)
@@ -202,6 +206,9 @@ class Federation:
         if self.resume:
             checkpoint = load_checkpoint(self.run_dir)
             self.strategy.load_state_dict(checkpoint.strategy_tensors, checkpoint.strategy_meta)
+            self.dp_ledger = {
+                site: PrivacyAccountant.from_meta(meta) for site, meta in checkpoint.privacy.items()
+            }
             rng = np.random.default_rng()
             rng.bit_generator.state = checkpoint.rng_state
             self.metrics.truncate_after(checkpoint.server_round)
@@ -246,8 +253,10 @@ class Federation:
             self.round_states.record(row["round"], global_state)
         tensors, meta = self.strategy.state_dict()
         state = dict(global_state)
+        privacy = {site: ledger.to_meta() for site, ledger in self.dp_ledger.items()}
         save_checkpoint(
-            self.run_dir, Checkpoint(row["round"], state, tensors, meta, rng.bit_generator.state)
+            self.run_dir,
+            Checkpoint(row["round"], state, tensors, meta, rng.bit_generator.state, privacy),
         )
 
     def _wait_for_sites(self) -> dict[int, str]:
@@ -372,17 +381,18 @@ class Federation:
         if strategy_config := self.strategy.client_config(server_round):
             records[protocol.STRATEGY] = ConfigRecord(strategy_config)
         replies = _RoundReplies()
+        contents = {site: self._train_content(site, records) for site in sampled}
         if self.config.privacy.secure_aggregation:
-            self._secure_train_round(server_round, records, sampled, node_of, layout, replies)
+            self._secure_train_round(server_round, contents, node_of, layout, replies)
         else:
             messages = [
                 Message(
-                    RecordDict(records),
+                    content,
                     dst_node_id=node_of[site],
                     message_type=MessageType.TRAIN,
                     group_id=str(server_round),
                 )
-                for site in sampled
+                for site, content in contents.items()
             ]
             for node_id, reply in self._exchange(messages, self._timeout()):
                 site = available[node_id]
@@ -404,7 +414,7 @@ class Federation:
                     replies.rejected += 1
                     continue
                 self.strategy.accumulate(update.delta, self._weight(update.metrics), rank)
-                replies.count(site, update.metrics, _dense_bytes(uplink))
+                self._count(replies, site, update.metrics, _dense_bytes(uplink))
         for site, why in replies.failed.items():
             log.warning("round %d: %s left out: %s", server_round, site, why)
         row = replies.row(sampled)
@@ -412,6 +422,22 @@ class Federation:
             return None, row
         new_state = self.strategy.finish_round(global_state)
         return new_state, self.strategy.round_metrics() | row
+
+    def _train_content(self, site: str, records: Mapping[str, Any]) -> RecordDict:
+        """A site's training message: the round's records, plus under DP-SGD what the
+        site has spent so far by the server's ledger."""
+        content = RecordDict(dict(records))
+        if site in self.dp_ledger:
+            content[protocol.DP_SPENT] = self.dp_ledger[site].to_record()
+        return content
+
+    def _count(
+        self, replies: _RoundReplies, site: str, metrics: ReplyMetrics, dense_bytes: int
+    ) -> None:
+        """Record a usable reply, and what DP-SGD spent for it in the site's ledger."""
+        replies.count(site, metrics, dense_bytes)
+        if metrics.mechanism is not None:
+            self.dp_ledger.setdefault(site, PrivacyAccountant()).spend(*metrics.mechanism)
 
     def _weight(self, metrics: ReplyMetrics) -> float:
         """A reply's weight in the mean: its examples, or 1 under client-level DP
@@ -442,18 +468,17 @@ class Federation:
     def _secure_train_round(
         self,
         server_round: int,
-        records: Mapping[str, Any],
-        sampled: list[str],
+        contents: Mapping[str, RecordDict],
         node_of: Mapping[str, int],
         layout: Mapping[str, tuple[int, ...]],
         replies: _RoundReplies,
     ) -> None:
         """Train the sampled sites under SecAgg+: one aggregate update, each site's metrics."""
         site_of = {nid: site for site, nid in node_of.items()}
-        contents = {node_of[site]: RecordDict(dict(records)) for site in sampled}
+        sampled = list(contents)
         try:
             outcome = SecAggPlus(self.config.privacy, self._timeout()).run(
-                self._exchange, contents, server_round
+                self._exchange, {node_of[site]: c for site, c in contents.items()}, server_round
             )
         except SecureAggregationError as err:
             for site in sampled:
@@ -488,7 +513,7 @@ class Federation:
             return
         self.strategy.accumulate(mean, outcome.total_weight, rank)
         for site, metrics in counted:
-            replies.count(site, metrics, _dense_bytes(uplink))
+            self._count(replies, site, metrics, _dense_bytes(uplink))
 
     def _federated_evaluation(
         self,

@@ -28,6 +28,8 @@ class ReplyMetrics:
     train_loss: float
     epsilon: float | None = None
     """DP-SGD epsilon the site has spent so far, when it trains with DP-SGD."""
+    mechanism: tuple[float, float, int] | None = None
+    """DP-SGD: this round's (noise multiplier, sample rate, steps)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,25 @@ def read_metrics(content: RecordDict) -> ReplyMetrics:
         raise deltas.InvalidUpdateError(
             f"{protocol.DP_EPSILON} must be a non-negative number, got {epsilon!r}"
         )
-    return ReplyMetrics(num_examples, float(loss), None if epsilon is None else float(epsilon))
+    if epsilon is None:
+        return ReplyMetrics(num_examples, float(loss))
+    noise, rate = metrics.get(protocol.DP_NOISE), metrics.get(protocol.DP_RATE)
+    steps = metrics.get(protocol.TRAIN_STEPS)
+    if not (
+        type(noise) in (int, float)
+        and noise > 0
+        and type(rate) in (int, float)
+        and 0 < rate <= 1
+        and type(steps) is int
+        and steps > 0
+    ):
+        raise deltas.InvalidUpdateError(
+            f"a DP-SGD reply needs {protocol.DP_NOISE} > 0, {protocol.DP_RATE} in (0, 1] and "
+            f"{protocol.TRAIN_STEPS} > 0, got {noise!r}, {rate!r}, {steps!r}"
+        )
+    return ReplyMetrics(
+        num_examples, float(loss), float(epsilon), (float(noise), float(rate), steps)
+    )
 
 
 def read_update(
