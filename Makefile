@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python benchmarks/compression.py
 	$(BIN)/python benchmarks/merging_skew.py
 	$(BIN)/python benchmarks/transfer.py
+	$(BIN)/python benchmarks/privacy.py
 
 lint: install
 	$(BIN)/python -m pip install --quiet ruff
