@@ -413,10 +413,18 @@ def in_process_messages():
 
 
 @pytest.mark.parametrize(
-    "leaves_at", [None, "setup", "share_keys", "collect_masked_vectors", "unmask"]
+    ("leaves_at", "num_shares"),
+    [
+        (None, 1.0),
+        ("setup", 1.0),
+        ("share_keys", 1.0),
+        ("collect_masked_vectors", 1.0),
+        ("unmask", 1.0),
+        ("collect_masked_vectors", 3.0),  # each site shares with 2 neighbours only
+    ],
 )
 def test_secagg_protocol_recovers_the_weighted_mean_whichever_stage_a_site_leaves(
-    in_process_messages, leaves_at
+    in_process_messages, leaves_at, num_shares
 ):
     """Five sites with known uploads; site 5 leaves at ``leaves_at``. Before it masked
     anything its upload is simply absent; after sharing keys its pairwise masks are
@@ -432,7 +440,7 @@ def test_secagg_protocol_recovers_the_weighted_mean_whichever_stage_a_site_leave
         secure_aggregation_mod,
     )
 
-    settings = PrivacyConfig(secure_aggregation=True)
+    settings = PrivacyConfig(secure_aggregation=True, secagg_num_shares=num_shares)
     rng = np.random.default_rng(0)
     uploads = {
         nid: {
@@ -481,6 +489,19 @@ def test_secagg_protocol_recovers_the_weighted_mean_whichever_stage_a_site_leave
     for name in ("a", "b"):
         expected = sum(weights[n] * uploads[n][name] for n in counted) / total
         np.testing.assert_allclose(outcome.mean[name].numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("sampled", "num_shares", "expected"),
+    [(10, 1.0, 10), (10, 0.4, 5), (10, 4.0, 5), (10, 5.0, 5), (3, 0.5, 3), (4, 1.0, 4)],
+)
+def test_secagg_share_counts_are_odd_neighbourhoods(sampled, num_shares, expected):
+    from fedelta.privacy.secure_aggregation import SecAggPlus
+
+    shares, threshold = SecAggPlus(PrivacyConfig(secagg_num_shares=num_shares)).protocol_sizes(
+        sampled
+    )
+    assert shares == expected and 2 <= threshold <= shares
 
 
 def test_an_upload_outside_the_secagg_range_fails_loudly():

@@ -159,7 +159,7 @@ def train_private(
             dp_optimizer.step()
             dp_optimizer.zero_grad(set_to_none=True)
     finally:
-        private_model._close()
+        private_model.cleanup()  # hooks and per-example attributes off the shared model
         for p in params:
             p.grad = None
     accountant.history = list(engine.accountant.history)

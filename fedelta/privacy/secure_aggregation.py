@@ -158,12 +158,12 @@ class SecAggPlus:
         s = self.settings
         if s.secagg_num_shares <= 1:
             shares = round(s.secagg_num_shares * sampled)
-            if shares < sampled and shares % 2 == 0:
-                shares += 1
-            if shares <= 2:
-                shares = sampled
         else:
             shares = min(int(s.secagg_num_shares), sampled)
+        if shares < sampled and shares % 2 == 0:
+            shares += 1  # a site and its neighbours on both sides
+        if shares <= 2:
+            shares = sampled
         if s.secagg_reconstruction_threshold <= 1:
             threshold = max(2, round(s.secagg_reconstruction_threshold * shares))
         else:
