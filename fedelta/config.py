@@ -612,12 +612,7 @@ class RunConfig:
                     "training-time masks edit gradients after Opacus noised them",
                 ),
             }
-            for key, (bad, why) in refused.items():
-                if bad:
-                    raise ConfigError(
-                        f"config key '{key}' = {self._get(key)!r} cannot be combined with "
-                        f"privacy.dp-sgd: {why}"
-                    )
+            self._refuse_with("privacy.dp-sgd", refused)
         if p.client_dp != "none":
             if not p.client_noise_multiplier and not p.client_target_epsilon:
                 raise ConfigError(
@@ -675,17 +670,21 @@ class RunConfig:
                 "the server cannot see one update's norm",
             ),
         }
-        for key, (bad, why) in clear.items():
-            if bad:
-                raise ConfigError(
-                    f"config key '{key}' = {self._get(key)!r} cannot be combined with "
-                    f"privacy.secure-aggregation: {why}"
-                )
+        self._refuse_with("privacy.secure-aggregation", clear)
         if self.min_train_nodes < 3:
             raise ConfigError(
                 "config key 'min-train-nodes' must be >= 3 with privacy.secure-aggregation "
                 f"(got {self.min_train_nodes}): with two clients each learns the other's upload"
             )
+
+    def _refuse_with(self, option: str, conflicts: Mapping[str, tuple[bool, str]]) -> None:
+        """Raise for the first key whose ``(conflicts, why)`` says it breaks ``option``."""
+        for key, (bad, why) in conflicts.items():
+            if bad:
+                raise ConfigError(
+                    f"config key '{key}' = {self._get(key)!r} cannot be combined with "
+                    f"{option}: {why}"
+                )
 
     def _validate_ranks(self) -> None:
         try:
