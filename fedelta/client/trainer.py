@@ -132,9 +132,6 @@ class ClientTrainer:
         memory = memory if memory is not None else ClientMemory()
         seed = derive_seed(cfg.seed, server_round, self.site.partition_id)
         seed_everything(seed)
-        loader = self.task.make_loader(
-            self.data.train, self.tokenizer, cfg.batch_size, train=True, seed=seed
-        )
         accumulation = cfg.gradient_accumulation_steps
         steps = steps_for(
             len(self.data.train), cfg.batch_size * accumulation, cfg.local_epochs, cfg.local_steps
@@ -164,6 +161,9 @@ class ClientTrainer:
                 )
                 result = private.result
             else:
+                loader = self.task.make_loader(
+                    self.data.train, self.tokenizer, cfg.batch_size, train=True, seed=seed
+                )
                 result = train(
                     self.model,
                     cycle(loader, steps * accumulation),

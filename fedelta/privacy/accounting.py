@@ -10,7 +10,7 @@ the same mechanisms.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -64,8 +64,7 @@ class PrivacyAccountant:
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any] | None) -> PrivacyAccountant:
-        rows = (meta or {}).get("history", [])
-        return cls([(float(z), float(q), int(n)) for z, q, n in rows])
+        return cls(_mechanisms((meta or {}).get("history", [])))
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
@@ -79,7 +78,7 @@ class PrivacyAccountant:
     @classmethod
     def from_record(cls, record: ConfigRecord) -> PrivacyAccountant:
         columns = (record["noise-multiplier"], record["sample-rate"], record["steps"])
-        return cls([(float(z), float(q), int(n)) for z, q, n in zip(*columns, strict=True)])
+        return cls(_mechanisms(zip(*columns, strict=True)))
 
     def save(self, state: RecordDict) -> None:
         """Write into a node's ``Context.state``."""
@@ -95,6 +94,11 @@ class PrivacyAccountant:
         """Whichever of the two has spent more. A site's ``Context.state`` lasts one run;
         after a resume the server's ledger of what the site reported is the longer one."""
         return other if other.epsilon(delta) > self.epsilon(delta) else self
+
+
+def _mechanisms(rows: Iterable[Sequence[Any]]) -> list[Mechanism]:
+    """``(noise, rate, steps)`` rows read back from JSON or a ConfigRecord, typed."""
+    return [(float(z), float(q), int(n)) for z, q, n in rows]
 
 
 def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:

@@ -61,11 +61,17 @@ def add_noise_share(
     of the noise (std ``z C / sqrt(m)``); also whether clipping scaled it."""
     clipped, scaled = clip_to_norm(dict(delta), clip_norm)
     std = noise_multiplier * clip_norm / math.sqrt(sampled)
-    noised = {
+    return _with_noise(clipped, std, generator), scaled
+
+
+def _with_noise(
+    tensors: Mapping[str, torch.Tensor], std: float, generator: torch.Generator
+) -> TensorDict:
+    """``tensors`` plus Gaussian noise of ``std``, drawn in the mapping's order."""
+    return {
         k: v + std * torch.randn(v.shape, generator=generator, dtype=v.dtype)
-        for k, v in clipped.items()
+        for k, v in tensors.items()
     }
-    return noised, scaled
 
 
 class ClientLevelDP(Aggregator):
@@ -135,10 +141,7 @@ class ClientLevelDP(Aggregator):
         if self.central:
             std = self.noise_multiplier * self.settings.client_clip_norm / self._sampled
             generator = noise_generator(self.settings.seeded_noise, self.seed, self._round)
-            mean = {
-                k: v + std * torch.randn(v.shape, generator=generator, dtype=v.dtype)
-                for k, v in sorted(mean.items())
-            }
+            mean = _with_noise(dict(sorted(mean.items())), std, generator)
         self.accountant.spend(self.noise_multiplier, self._sample_rate, 1)
         return mean
 
