@@ -1,6 +1,6 @@
-"""The ``fedelta`` command line: simulate, resume, export, the centralised baseline,
-merging and delta transfer, and the commands that stand up a secured multi-site
-deployment."""
+"""The ``fedelta`` command line: simulate, resume, experiment grids and reports,
+export, the centralised baseline, merging and delta transfer, and the commands that
+stand up a secured multi-site deployment."""
 
 from __future__ import annotations
 
@@ -95,6 +95,29 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar or table")
     sim.set_defaults(command=_simulate)
+
+    grid = sub.add_parser(
+        "experiment",
+        help="run every combination of an experiment file's variants, grid and seeds "
+        "(resumable) and compare them",
+    )
+    grid.add_argument("file", type=Path, metavar="FILE.toml", help="the experiment file")
+    grid.add_argument(
+        "--out",
+        type=Path,
+        help="output dir (default: outputs/<experiment name>); run the "
+        "same command again to resume",
+    )
+    _add_set(grid, "override a key of the base config, for every run (repeatable)")
+    grid.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
+    grid.add_argument("--no-progress", action="store_true", help="no progress bars")
+    grid.set_defaults(command=_experiment)
+
+    rep = sub.add_parser(
+        "report", help="(re)write the plots and report.html of a run or an experiment folder"
+    )
+    rep.add_argument("folder", type=Path, metavar="RUN_OR_EXPERIMENT_DIR")
+    rep.set_defaults(command=_report)
 
     exp = sub.add_parser(
         "export", help="write a run's adapter from its last checkpoint (and a merged model)"
@@ -225,14 +248,11 @@ def _add_deployment_commands(sub: argparse._SubParsersAction) -> None:
     reg.set_defaults(command=_register)
 
 
-def _add_set(parser: argparse.ArgumentParser) -> None:
+def _add_set(
+    parser: argparse.ArgumentParser, help: str = "override a config key (repeatable)"
+) -> None:
     parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (repeatable)",
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
     )
 
 
@@ -255,12 +275,38 @@ def _simulate(args: argparse.Namespace) -> int:
             config = config.replace(**{"model.name": str(_init_model(args.init_from, config))})
     from fedelta.server.generations import GENERATIONS_FILE
     from fedelta.server.metrics import format_traffic
+    from fedelta.simulations.report import REPORT_FILE
 
     result = simulate(config, progress=not args.no_progress, verbose=args.verbose)
     print(json.dumps(result.summary, indent=2))
     print(format_traffic(result.summary))
+    print(f"report: {result.run_dir / REPORT_FILE}")
     if "generations" in result.summary:
         print(f"sample answers before and after: {result.run_dir / GENERATIONS_FILE}")
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from fedelta.simulations import Experiment, run_experiment
+
+    experiment = Experiment.from_toml(args.file, args.overrides)
+    out = args.out or Path("outputs") / experiment.name
+    done = run_experiment(experiment, out, progress=not args.no_progress, verbose=args.verbose)
+    print(done.table)
+    print(f"ran {len(done.ran)}, already finished {len(done.skipped)}; report: {done.report}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedelta.simulations import Experiment, RunResult, write_run_report
+    from fedelta.simulations.experiment import SPEC_FILE, write_experiment_report
+    from fedelta.simulations.report import REPORT_FILE
+
+    if (args.folder / SPEC_FILE).is_file():
+        write_experiment_report(Experiment.from_toml(args.folder / SPEC_FILE), args.folder)
+        print(args.folder / REPORT_FILE)
+    else:
+        print(write_run_report(RunResult.load(args.folder)))
     return 0
 
 

@@ -708,18 +708,20 @@ class RunConfig:
 # -- loading ----------------------------------------------------------------------
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
     """Read a TOML run config (or the defaults) and apply ``key=value`` overrides."""
-    flat: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file '{path}' is not valid TOML: {err}") from err
-        flat.update(_flatten_mapping(raw))
+    flat = flatten_mapping(read_toml(path)) if path is not None else {}
     flat.update(parse_overrides(overrides))
     return RunConfig.from_flat(flat)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file's tables, or a :class:`ConfigError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file '{path}' is not valid TOML: {err}") from err
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
@@ -737,6 +739,17 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     return parsed
 
 
+def flatten_mapping(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables to dotted keys (``[lora] r = 4`` is ``lora.r``)."""
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_mapping(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 # -- internals --------------------------------------------------------------------
 def _key(name: str) -> str:
     return name.replace("_", "-")
@@ -750,16 +763,6 @@ def _flatten(obj: Any, prefix: str = "") -> Iterable[tuple[str, Scalar]]:
             yield from _flatten(value, key + ".")
         else:
             yield key, value
-
-
-def _flatten_mapping(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten_mapping(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def _assign(config: RunConfig, key: str, value: Any) -> None:

@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _flower_app_config() -> dict:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    from fedelta.config import _flatten_mapping
+    from fedelta.config import flatten_mapping
 
-    return _flatten_mapping(pyproject["tool"]["flwr"]["app"]["config"])
+    return flatten_mapping(pyproject["tool"]["flwr"]["app"]["config"])
 
 
 def test_flower_app_config_equals_the_schema_defaults():

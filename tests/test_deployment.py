@@ -199,7 +199,7 @@ def test_two_sites_train_two_rounds_over_tls(federation: dict) -> None:
     out = federation["root"] / "run"
     overrides = (
         "num-server-rounds=2 local-steps=2 batch-size=8 data.test-size=64 "
-        f"model.max-length=32 output-dir='{out}'"
+        f"data.validation-fraction=0.02 model.max-length=32 output-dir='{out}'"
     )
     started = time.monotonic()
     run = subprocess.run(

@@ -25,6 +25,7 @@ def make_server_app(
     strategy: Strategy | None = None,
     *,
     progress: bool = True,
+    nested: bool = False,
     errors: list[Exception] | None = None,
 ) -> ServerApp:
     """A ServerApp bound to ``config`` (and optionally a strategy object) from Python.
@@ -43,6 +44,7 @@ def make_server_app(
                 strategy=strategy,
                 resume=config.resume,
                 progress=progress,
+                nested=nested,
             ).run()
         except Exception as err:
             if errors is not None:

@@ -74,14 +74,17 @@ class Federation:
         strategy: Strategy | None = None,
         resume: bool = False,
         progress: bool = True,
+        nested: bool = False,
     ) -> None:
         self.grid = grid
-        self.config = _with_label_names(config)
+        self.config = with_label_names(config)
         self.run_dir = run_dir
         self.strategy = strategy or build_strategy(config)
         _check_clients_match(self.strategy, config)
         self.resume = resume
         self.progress = progress
+        self.nested = nested
+        """Under an experiment's bar: the round bar goes below it and no table is printed."""
         self.metrics = MetricsLog(run_dir)
         self.sites: dict[int, str] = {}
         """Node id to site name, learned by querying each node once."""
@@ -112,9 +115,11 @@ class Federation:
         bar = tqdm(
             total=self.config.num_server_rounds,
             initial=done,
-            desc="rounds",
+            desc=self.run_dir.name if self.nested else "rounds",
             unit="round",
             disable=not self.progress,
+            position=int(self.nested),
+            leave=not self.nested,
         )
         stopped = None
         for server_round in range(done + 1, self.config.num_server_rounds + 1):
@@ -173,7 +178,7 @@ class Federation:
             summary["generations"] = generate_report(evaluator, generation, test, exported)
             write_generations(self.run_dir, summary["generations"])
         write_summary(self.run_dir, summary)
-        if self.progress:
+        if self.progress and not self.nested:
             print(format_table(rows), flush=True)
         return summary
 
@@ -659,7 +664,7 @@ def _dense_bytes(layout: Mapping[str, tuple[int, ...]]) -> int:
     return 4 * sum(math.prod(shape) for shape in layout.values())
 
 
-def _with_label_names(config: RunConfig) -> RunConfig:
+def with_label_names(config: RunConfig) -> RunConfig:
     """``config`` with ``data.labels`` filled in from the server's corpus, so sites that
     train on their own files give each label the same class id as the server."""
     if config.data.labels or config.model.task != "classification":

@@ -11,35 +11,21 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 from flwr.clientapp import ClientApp
 
 from fedelta.client.app import app as fedelta_client_app
-from fedelta.config import RunConfig
+from fedelta.config import ConfigError, RunConfig
 from fedelta.data import load_client_data, load_corpus
 from fedelta.models import ModelSpec, cached_model, resolve_model_path
 from fedelta.server.app import make_server_app, run_dir_for
 from fedelta.server.metrics import SUMMARY_FILE, MetricsLog, write_summary
+from fedelta.simulations.report import write_run_report
+from fedelta.simulations.results import STRATEGY_FILE, RunResult, class_path
 from fedelta.strategies import Strategy
 from fedelta.tasks import build_task
-
-
-@dataclass(frozen=True)
-class SimulationResult:
-    """Where a run wrote its outputs, and what it measured."""
-
-    run_dir: Path
-    summary: dict[str, Any]
-    rows: list[dict[str, Any]]
-    """One metrics row per round (round 0 is the model before training)."""
-
-    @property
-    def adapter_dir(self) -> Path:
-        return Path(self.summary["adapter"])
 
 
 def simulate(
@@ -48,19 +34,26 @@ def simulate(
     strategy: Strategy | None = None,
     client_app: ClientApp | None = None,
     progress: bool = True,
+    nested: bool = False,
+    report: bool = True,
     verbose: bool = False,
-) -> SimulationResult:
+) -> RunResult:
     """Run ``config`` on Flower's Simulation Engine and return its results.
 
     ``strategy`` replaces the one named in the config (any :class:`Strategy`,
-    including your own subclass); ``client_app`` replaces fedelta's ClientApp, for
-    instance with one that wraps it to misbehave in a robustness experiment.
+    including your own subclass; its class is recorded in ``strategy.json`` next to
+    ``config.toml``); ``client_app`` replaces fedelta's ClientApp, for instance with
+    one that wraps it to misbehave in a robustness experiment. ``nested`` shows the
+    round bar under an experiment's bar, without the closing table; ``report``
+    writes the run's plots and ``report.html``.
     """
     from flwr.simulation import run_simulation  # imports Ray: keep it off import paths
 
     run_dir = run_dir_for(config)
     config = config.replace(output_dir=str(run_dir))
     preflight(config)
+    if strategy is not None:
+        _record_strategy(run_dir, strategy, config.resume)
     # Ray workers inherit the environment: no tokenizer thread pools behind their forks.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
@@ -74,7 +67,9 @@ def simulate(
     errors: list[Exception] = []
     with PeakMemory() as memory:
         run_simulation(
-            server_app=make_server_app(config, strategy, progress=progress, errors=errors),
+            server_app=make_server_app(
+                config, strategy, progress=progress, nested=nested, errors=errors
+            ),
             client_app=client_app or fedelta_client_app,
             num_supernodes=config.simulation.num_supernodes,
             backend_config=backend_config,
@@ -90,7 +85,25 @@ def simulate(
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     summary["peak-rss-mb"] = round(memory.peak_bytes / 2**20, 1)
     write_summary(run_dir, summary)
-    return SimulationResult(run_dir=run_dir, summary=summary, rows=MetricsLog(run_dir).rows())
+    result = RunResult(run_dir, config, summary, MetricsLog(run_dir).rows())
+    if report:
+        write_run_report(result)
+    return result
+
+
+def _record_strategy(run_dir: Path, strategy: Strategy, resume: bool) -> None:
+    """Write which strategy object aggregates the run; a resume must use the same class."""
+    path = run_dir / STRATEGY_FILE
+    record = {"class": class_path(strategy), "name": getattr(strategy, "name", None)}
+    if resume and path.is_file():
+        made_by = json.loads(path.read_text(encoding="utf-8"))["class"]
+        if made_by != record["class"]:
+            raise ConfigError(
+                f"'{run_dir}' was aggregated by {made_by}; resume it with that strategy, "
+                f"not {record['class']}"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 class PeakMemory:
