@@ -9,7 +9,8 @@ steps). Writes a comparison table (CSV, markdown), plots and ``report.html``:
     python examples/compare_strategies.py --set num-server-rounds=2 --out /tmp/quick
 
 Run it again with the same ``--out`` to resume: finished runs are not re-run.
-The same experiment as a file for the CLI: ``fedelta experiment examples/compare-strategies.toml``.
+The same experiment as a file for the CLI:
+``fedelta experiment examples/experiments/compare-strategies.toml``.
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedelta.errors import UserError
 
-class AssetNotInstalledError(FileNotFoundError):
+
+class AssetNotInstalledError(UserError, FileNotFoundError):
     """A built-in asset's package is missing; the message says how to install it."""
 
 

@@ -14,31 +14,11 @@ import warnings
 from pathlib import Path
 
 from fedelta import __version__, deployment
-from fedelta.assets import AssetNotInstalledError
 from fedelta.config import RUN_CONFIG_FILE, ConfigError, RunConfig, load_config
-from fedelta.data import DataError
-from fedelta.merging.layers import UnknownLayerError
-from fedelta.merging.task_vectors import TaskVectorError
-from fedelta.models import ModelNotFoundError
-from fedelta.privacy.certs import CertificateError
-from fedelta.protocol import NodeConfigError
-from fedelta.server.checkpoint import CheckpointError
-from fedelta.server.federation import ShortRoundError
+from fedelta.errors import UserError
 
-USER_ERRORS = (
-    ConfigError,
-    DataError,
-    AssetNotInstalledError,
-    ModelNotFoundError,
-    CheckpointError,
-    NodeConfigError,
-    CertificateError,
-    deployment.DeploymentError,
-    ShortRoundError,
-    TaskVectorError,
-    UnknownLayerError,
-)
-"""Errors caused by what the user asked for: printed as one line, no traceback."""
+# Commands import what they use when they run: `fedelta certs` or `fedelta --help`
+# should not pay seconds of torch, transformers and Ray imports.
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging()
     try:
         return int(args.command(args) or 0)
-    except USER_ERRORS as err:
+    except UserError as err:  # caused by the input: one line, no traceback
         print(f"fedelta: error: {err}", file=sys.stderr)
         return 2
 
@@ -352,6 +332,7 @@ def _transfer(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from fedelta.server.checkpoint import CheckpointError
     from fedelta.server.export import MERGED_DIR, export_checkpoint, export_merged
 
     if not (args.run_dir / RUN_CONFIG_FILE).is_file():

@@ -39,6 +39,7 @@ from fedelta.chat_data import (
     read_chatterbot,
 )
 from fedelta.config import DataConfig
+from fedelta.errors import UserError
 
 TEXT, LABEL = "text", "label"
 """Column names every loaded corpus is normalised to."""
@@ -51,7 +52,7 @@ _BUILTIN_LABEL_COLUMN = {"rotten-tomatoes": "category"}
 _BUILTIN_DROP_LABELS = {"rotten-tomatoes": ("plot",)}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data source cannot be used: missing, unreadable, empty or malformed."""
 
 

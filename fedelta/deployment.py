@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedelta.errors import UserError
 from fedelta.privacy.certs import (
     CA_CERT,
     RUNTIME_CERT,
@@ -49,7 +50,7 @@ INSECURE_WARNING = (
 )
 
 
-class DeploymentError(ValueError):
+class DeploymentError(UserError, ValueError):
     """A deployment command cannot start as asked (missing certificates, bad options)."""
 
 

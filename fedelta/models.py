@@ -21,6 +21,7 @@ from transformers.utils import logging as transformers_logging
 
 from fedelta.assets import GGUF_MODELS, MODELS
 from fedelta.config import RunConfig
+from fedelta.errors import UserError
 from fedelta.gguf_cache import cached_copy
 from fedelta.lora import is_factor, lora_layers, seeded_lora_A
 from fedelta.tasks import TASK_TYPES
@@ -37,7 +38,7 @@ def is_head(name: str) -> bool:
     return any(part in HEAD_MODULES for part in name.split(".")[:4])
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     """``model.name`` is neither a built-in alias, a local folder nor a cached hub id."""
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, RecordDict, UserConfigValue
 
 from fedelta.config import RunConfig
+from fedelta.errors import UserError
 
 GLOBAL = "global"
 """ArrayRecord: the global trainable state (server to client)."""
@@ -62,7 +63,7 @@ DATA_PATH = "data-path"
 """A deployed site's own data file (CSV/JSON/JSONL/Parquet); replaces the partition."""
 
 
-class NodeConfigError(ValueError):
+class NodeConfigError(UserError, ValueError):
     """The SuperNode was started without saying which data is its own."""
 
 

@@ -1,6 +1,8 @@
 """User errors stop before training with one clear line (no Ray, no model training)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -90,3 +92,15 @@ def test_strategies_matrix_is_printed_and_matches_the_readme(capsys):
     assert '| `strategy.lora = "ffa"` | yes | yes |' in capsys.readouterr().out
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     assert format_matrix(capability_matrix()) in readme, "README's matrix is out of date"
+
+
+def test_the_cli_starts_without_the_training_stack():
+    """`fedelta --help`, `fedelta certs` and the other deployment commands should not
+    pay for importing torch, transformers or Ray: commands import what they use."""
+    code = (
+        "import sys, fedelta.cli; "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'ray', 'datasets') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

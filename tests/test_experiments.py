@@ -91,7 +91,9 @@ def test_the_example_file_plans_what_the_example_script_runs():
         sys.path.remove(str(EXAMPLES))
     from fedelta.config import load_config
 
-    from_file = Experiment.from_toml(EXAMPLES / "compare-strategies.toml").planned_runs()
+    from_file = Experiment.from_toml(
+        EXAMPLES / "experiments" / "compare-strategies.toml"
+    ).planned_runs()
     from_python = Experiment(
         "compare-strategies", load_config(script.DEFAULT_CONFIG), script.VARIANTS, seeds=[0, 1]
     ).planned_runs()

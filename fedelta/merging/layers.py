@@ -16,8 +16,10 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from fedelta.errors import UserError
 
-class UnknownLayerError(ValueError):
+
+class UnknownLayerError(UserError, ValueError):
     """A parameter name does not fit the architecture's layout."""
 
 

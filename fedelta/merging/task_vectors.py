@@ -20,13 +20,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedelta.errors import UserError
+
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 INFO_FILE = "fedelta.json"
 
 
-class TaskVectorError(ValueError):
+class TaskVectorError(UserError, ValueError):
     """A task vector cannot be read or does not fit the model it is applied to."""
 
 

@@ -36,6 +36,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedelta.errors import UserError
+
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 SUPERLINK_DIR = "superlink"
@@ -50,7 +52,7 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class CertificateError(ValueError):
+class CertificateError(UserError, ValueError):
     """The certificates cannot be written as asked (existing files, bad names)."""
 
 

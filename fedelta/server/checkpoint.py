@@ -19,12 +19,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
+from fedelta.errors import UserError
+
 FILENAME = "checkpoint.safetensors"
 FORMAT = "fedelta-checkpoint-1"
 _GLOBAL, _STRATEGY = "global/", "strategy/"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint where one was expected."""
 
 

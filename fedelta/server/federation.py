@@ -27,6 +27,7 @@ from fedelta import deltas, protocol
 from fedelta.compression import UplinkCompression
 from fedelta.config import RUN_CONFIG_FILE, ConfigError, RunConfig, load_config
 from fedelta.data import label_names, load_corpus
+from fedelta.errors import UserError
 from fedelta.merging.rounds import RoundStates, merged_export
 from fedelta.privacy.accounting import PrivacyAccountant
 from fedelta.privacy.secure_aggregation import SecAggPlus, SecureAggregationError
@@ -57,7 +58,7 @@ class BudgetsSpentError(EmptyRoundError):
     (and exports what it has)."""
 
 
-class ShortRoundError(EmptyRoundError):
+class ShortRoundError(EmptyRoundError, UserError):
     """A round got fewer usable updates than ``min-train-replies`` and ``short-round``
     says to stop; the last checkpoint is intact, so the run can be resumed."""
 

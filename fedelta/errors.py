@@ -1,0 +1,10 @@
+"""The base of every error caused by what the user asked for.
+
+Config, data, model, checkpoint, site and certificate errors all derive from
+:class:`UserError` as well as from their natural built-in type, so the CLI prints
+them as one line without importing (and paying for) every module that raises one.
+"""
+
+
+class UserError(Exception):
+    """The input cannot work (a key, a file, a site); the message says what to change."""
