@@ -97,9 +97,7 @@ def measure(name: str, clients: int) -> dict:
         }
         metrics = MetricRecord({protocol.NUM_EXAMPLES: 100 + client, protocol.TRAIN_LOSS: 0.5})
         if overrides is None:  # Flower's form: arrays by name, weight in num-examples
-            return RecordDict(
-                {"arrays": ArrayRecord({k: v.numpy() for k, v in delta.items()}), "m": metrics}
-            )
+            return RecordDict({"arrays": ArrayRecord(delta), "m": metrics})
         upload = compression.compress(delta, ClientMemory(), 1, client, None)
         return RecordDict({protocol.DELTA: upload, protocol.METRICS: metrics})
 
