@@ -30,7 +30,9 @@ test: install
 
 # Regenerate the tables in benchmarks/results/ (hours on 2 cores).
 bench: install
-	$(BIN)/python benchmarks/server_memory.py
+	$(BIN)/python benchmarks/client_overhead.py
+	$(BIN)/python benchmarks/server_aggregation.py
+	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/lora_ranks.py
 	$(BIN)/python benchmarks/server_optimizers.py
 	$(BIN)/python benchmarks/lora_rules_skew.py

@@ -135,6 +135,8 @@ def test_experiment_file_precedence_and_errors(tmp_path, capsys):
     spec.write_text('[experiment]\nname = "p"\nrepeats = 2\n')
     with pytest.raises(ConfigError, match="unknown \\[experiment\\] keys \\['repeats'\\]"):
         Experiment.from_toml(spec)
+    with pytest.raises(ConfigError, match="seeds must be a list of integers, got 3"):
+        Experiment("p", seeds=3).planned_runs()
     with pytest.raises(ConfigError, match="variant name 'a b'"):
         Experiment("p", variants={"a b": {}}).planned_runs()
 

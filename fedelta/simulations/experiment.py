@@ -50,7 +50,7 @@ from fedelta.server.federation import RESUMABLE_KEYS, with_label_names
 from fedelta.server.metrics import SUMMARY_FILE
 from fedelta.simulations.comparison import Arm, to_markdown
 from fedelta.simulations.report import REPORT_FILE, write_comparison_report
-from fedelta.simulations.results import STRATEGY_FILE, RunResult, class_path
+from fedelta.simulations.results import RunResult, class_path, recorded_strategy
 from fedelta.simulations.simulate import simulate
 from fedelta.strategies import Strategy
 
@@ -196,8 +196,12 @@ class Experiment:
         for key, values in self.grid.items():
             if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
                 raise ConfigError(f"grid key '{key}' needs a non-empty list of values")
-        if any(isinstance(s, bool) or not isinstance(s, int) for s in self.seeds):
-            raise ConfigError(f"experiment seeds must be integers, got {list(self.seeds)}")
+        if (
+            isinstance(self.seeds, str)
+            or not isinstance(self.seeds, Sequence)
+            or any(isinstance(s, bool) or not isinstance(s, int) for s in self.seeds)
+        ):
+            raise ConfigError(f"experiment seeds must be a list of integers, got {self.seeds!r}")
         if len(set(self.seeds)) != len(list(self.seeds)):
             raise ConfigError(f"experiment seeds repeat: {list(self.seeds)}")
 
@@ -292,8 +296,7 @@ def _finished(run_dir: Path, plan: PlannedRun) -> RunResult | None:
     # The run saved its config with the corpus' label names filled in.
     planned = with_label_names(plan.config.replace(**{"output-dir": str(run_dir)})).to_flat()
     changed = sorted(k for k, v in planned.items() if saved.get(k) != v and k not in RESUMABLE_KEYS)
-    recorded = run_dir / STRATEGY_FILE
-    made_by = json.loads(recorded.read_text())["class"] if recorded.is_file() else None
+    made_by = recorded_strategy(run_dir)
     strategy = plan.build_strategy(plan.config)
     if made_by != (class_path(strategy) if strategy is not None else None):
         changed.append(f"the strategy object ({made_by or 'none'})")

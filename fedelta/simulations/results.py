@@ -20,6 +20,12 @@ STRATEGY_FILE = "strategy.json"
 ``[strategy]`` table, aggregated the run."""
 
 
+def recorded_strategy(run_dir: Path) -> str | None:
+    """The class of the strategy object that aggregated a run; ``None``: the config's."""
+    path = run_dir / STRATEGY_FILE
+    return json.loads(path.read_text(encoding="utf-8"))["class"] if path.is_file() else None
+
+
 def class_path(obj: object) -> str:
     """``module.Class`` of an object, as ``strategy.json`` records it."""
     return f"{type(obj).__module__}.{type(obj).__qualname__}"

@@ -21,9 +21,9 @@ from fedelta.config import ConfigError, RunConfig
 from fedelta.data import load_client_data, load_corpus
 from fedelta.models import ModelSpec, cached_model, resolve_model_path
 from fedelta.server.app import make_server_app, run_dir_for
-from fedelta.server.metrics import SUMMARY_FILE, MetricsLog, write_summary
+from fedelta.server.metrics import SUMMARY_FILE, write_summary
 from fedelta.simulations.report import write_run_report
-from fedelta.simulations.results import STRATEGY_FILE, RunResult, class_path
+from fedelta.simulations.results import STRATEGY_FILE, RunResult, class_path, recorded_strategy
 from fedelta.strategies import Strategy
 from fedelta.tasks import build_task
 
@@ -52,8 +52,7 @@ def simulate(
     run_dir = run_dir_for(config)
     config = config.replace(output_dir=str(run_dir))
     preflight(config)
-    if strategy is not None:
-        _record_strategy(run_dir, strategy, config.resume)
+    _record_strategy(run_dir, strategy, config.resume)
     # Ray workers inherit the environment: no tokenizer thread pools behind their forks.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
@@ -85,25 +84,29 @@ def simulate(
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     summary["peak-rss-mb"] = round(memory.peak_bytes / 2**20, 1)
     write_summary(run_dir, summary)
-    result = RunResult(run_dir, config, summary, MetricsLog(run_dir).rows())
+    result = RunResult.load(run_dir)
     if report:
         write_run_report(result)
     return result
 
 
-def _record_strategy(run_dir: Path, strategy: Strategy, resume: bool) -> None:
-    """Write which strategy object aggregates the run; a resume must use the same class."""
+def _record_strategy(run_dir: Path, strategy: Strategy | None, resume: bool) -> None:
+    """Write which strategy object aggregates the run (none: the config's); a resume
+    must use the same one."""
     path = run_dir / STRATEGY_FILE
-    record = {"class": class_path(strategy), "name": getattr(strategy, "name", None)}
-    if resume and path.is_file():
-        made_by = json.loads(path.read_text(encoding="utf-8"))["class"]
-        if made_by != record["class"]:
+    planned = class_path(strategy) if strategy is not None else None
+    if resume:
+        made_by = recorded_strategy(run_dir)
+        if made_by != planned:
             raise ConfigError(
-                f"'{run_dir}' was aggregated by {made_by}; resume it with that strategy, "
-                f"not {record['class']}"
+                f"'{run_dir}' was aggregated by {made_by or 'the config strategy'}; resume it "
+                f"with that, not {planned or 'the config strategy'} (from Python: "
+                "simulate(config, strategy=...))"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    if strategy is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = {"class": planned, "name": getattr(strategy, "name", None)}
+        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 class PeakMemory:
