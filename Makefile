@@ -44,8 +44,8 @@ bench: install
 
 lint: install
 	$(BIN)/python -m pip install --quiet ruff
-	$(BIN)/ruff check fedelta tests benchmarks
-	$(BIN)/ruff format --check fedelta tests benchmarks
+	$(BIN)/ruff check fedelta tests benchmarks examples
+	$(BIN)/ruff format --check fedelta tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

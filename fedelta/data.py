@@ -280,7 +280,16 @@ def _client_data(
     try:
         part = partitioner.load_partition(partition_id)
     except ValueError as err:  # e.g. Dirichlet cannot meet the minimum size
-        raise DataError(f"cannot partition the data into {num_partitions} clients: {err}") from err
+        hint = ""
+        if config.partitioner == "dirichlet":
+            hint = (
+                f"; data.dirichlet-alpha = {config.dirichlet_alpha:g} leaves some of "
+                f"{num_partitions} sites almost empty: raise it (1.0 splits 100 sites of "
+                "the built-in corpus) or use data.partitioner = 'iid'"
+            )
+        raise DataError(
+            f"cannot partition the data into {num_partitions} clients: {err}{hint}"
+        ) from err
     return _split_validation(part, config.validation_fraction, seed + partition_id)
 
 

@@ -23,6 +23,10 @@ from fedelta.cli import main as cli
             ["--set", "simulation.num-supernodes=20000"],
             "more clients (20000) than training examples",
         ),
+        (
+            ["--set", "simulation.num-supernodes=100"],
+            "data.dirichlet-alpha = 0.5 leaves some of 100 sites almost empty: raise it",
+        ),
         (["--set", "lr=-0.001"], "config key 'lr' must be > 0 (got -0.001)"),
         (["--set", "lr=fast"], "config key 'lr' must be of type float, got str"),
         (["--set", "short-round=maybe"], "'short-round' must be one of retry, skip, stop"),
