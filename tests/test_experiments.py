@@ -249,3 +249,22 @@ def test_a_grid_runs_compares_and_resumes_with_a_strategy_of_your_own(
     # A changed experiment never mixes with the runs already there.
     with pytest.raises(ConfigError, match="lr changed"):
         run_experiment(Experiment("tiny", base.replace(lr=0.01), variants, seeds=[0]), out)
+
+
+def test_private_runs_get_an_epsilon_column_and_plot(tmp_path):
+    from fedelta.simulations.plots import write_plots
+
+    rows = [
+        {"round": 0, "test-accuracy": 0.5, "test-loss": 0.7},
+        {"round": 1, "test-accuracy": 0.6, "test-loss": 0.6, "bytes-up": 10, "dp-epsilon": 1.5},
+        {"round": 2, "test-accuracy": 0.7, "test-loss": 0.5, "bytes-up": 10, "dp-epsilon": 2.5},
+    ]
+    summary = {"final-test-accuracy": 0.7, "total-bytes-up": 20, "dp-epsilon": 2.5}
+    private = RunResult(tmp_path / "dp", RunConfig(), summary, rows)
+    plain = RunResult(tmp_path / "plain", RunConfig(), {"final-test-accuracy": 0.6}, rows[:2])
+    arms = [Arm("dp", [private]), Arm("plain", [plain])]
+    header, cells = formatted(arms)
+    assert cells[0][header.index("epsilon")] == "2.50" and cells[1][header.index("epsilon")] == "-"
+    names = [p.name for p in write_plots(arms, tmp_path / "plots")]
+    assert names == ["quality.png", "bytes.png", "quality_vs_uplink.png", "epsilon.png"]
+    assert "epsilon.png" not in [p.name for p in write_plots(arms[1:], tmp_path / "plain")]

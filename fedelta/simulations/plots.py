@@ -66,14 +66,13 @@ def cumulative_uplink(arm: Arm) -> tuple[np.ndarray, np.ndarray]:
     return rounds, np.array([np.mean(totals[r]) for r in rounds])
 
 
-def _line(ax: Axes, arm: Arm, key: str, scale: float = 1.0, **style: object) -> bool:
+def _line(ax: Axes, arm: Arm, key: str, scale: float = 1.0, **style: object) -> None:
     rounds, mean, low, high = per_round(arm, key)
     if not len(rounds):
-        return False
+        return
     (line,) = ax.plot(rounds, mean / scale, marker="o", markersize=3, **style)
     if len(arm.results) > 1:
         ax.fill_between(rounds, low / scale, high / scale, color=line.get_color(), alpha=0.2)
-    return True
 
 
 def _finish(fig: Figure, axes: Sequence[Axes], path: Path) -> Path:

@@ -74,10 +74,6 @@ class RunResult:
         """The headline metric: test accuracy, or test perplexity for a causal LM."""
         return "test-perplexity" if self.causal else "test-accuracy"
 
-    @property
-    def rounds(self) -> list[int]:
-        return [row["round"] for row in self.rows]
-
     def metric(self, key: str) -> list[float | None]:
         """One value per round (``None`` where a round did not measure it)."""
         return [row.get(key) for row in self.rows]
@@ -100,10 +96,3 @@ class RunResult:
         """Privacy spent (delta is ``privacy.delta``): the largest site's DP-SGD epsilon,
         else client-level DP's epsilon; ``None`` when the run was not private."""
         return self.summary.get("dp-epsilon", self.summary.get("client-dp-epsilon"))
-
-    @property
-    def epsilon_key(self) -> str | None:
-        """The per-round metric that tracks :attr:`epsilon`."""
-        if "dp-epsilon" in self.summary:
-            return "dp-epsilon"
-        return "client-dp-epsilon" if "client-dp-epsilon" in self.summary else None
