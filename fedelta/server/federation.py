@@ -78,7 +78,7 @@ class Federation:
         nested: bool = False,
     ) -> None:
         self.grid = grid
-        self.config = with_label_names(config)
+        self.config = _with_label_names(config)
         self.run_dir = run_dir
         self.strategy = strategy or build_strategy(config)
         _check_clients_match(self.strategy, config)
@@ -188,13 +188,7 @@ class Federation:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         saved = self.run_dir / RUN_CONFIG_FILE
         if self.resume:
-            previous = load_config(saved).to_flat()
-            changed = sorted(
-                key
-                for key, value in self.config.to_flat().items()
-                if previous[key] != value and key not in RESUMABLE_KEYS
-            )
-            if changed:
+            if changed := config_changes(self.run_dir, self.config):
                 raise ConfigError(
                     f"cannot resume '{self.run_dir}' with a different config: "
                     f"{', '.join(changed)} changed (only num-server-rounds may)"
@@ -665,7 +659,19 @@ def _dense_bytes(layout: Mapping[str, tuple[int, ...]]) -> int:
     return 4 * sum(math.prod(shape) for shape in layout.values())
 
 
-def with_label_names(config: RunConfig) -> RunConfig:
+def config_changes(run_dir: Path, config: RunConfig) -> list[str]:
+    """Keys whose value in ``config`` differs from the run saved in ``run_dir`` (label
+    names filled in as the run saved them), except those a resumed run may change."""
+    previous = load_config(run_dir / RUN_CONFIG_FILE).to_flat()
+    current = _with_label_names(config).to_flat()
+    return sorted(
+        key
+        for key, value in current.items()
+        if previous.get(key) != value and key not in RESUMABLE_KEYS
+    )
+
+
+def _with_label_names(config: RunConfig) -> RunConfig:
     """``config`` with ``data.labels`` filled in from the server's corpus, so sites that
     train on their own files give each label the same class id as the server."""
     if config.data.labels or config.model.task != "classification":

@@ -46,7 +46,7 @@ from fedelta.config import (
     read_toml,
 )
 from fedelta.server.checkpoint import FILENAME as CHECKPOINT_FILE
-from fedelta.server.federation import RESUMABLE_KEYS, with_label_names
+from fedelta.server.federation import config_changes
 from fedelta.server.metrics import SUMMARY_FILE
 from fedelta.simulations.comparison import Arm, to_markdown
 from fedelta.simulations.report import REPORT_FILE, write_comparison_report
@@ -246,7 +246,7 @@ def run_experiment(
     bar = tqdm(total=len(plans), desc=experiment.name, unit="run", disable=not progress)
     for plan in plans:
         run_dir = out_dir / RUNS_DIR / plan.dirname
-        if finished[plan.dirname] is None:
+        if not finished[plan.dirname]:
             config = plan.config.replace(
                 **{"output-dir": str(run_dir), "resume": (run_dir / CHECKPOINT_FILE).exists()}
             )
@@ -286,16 +286,13 @@ def write_experiment_report(experiment: Experiment, out_dir: str | Path) -> list
     return arms
 
 
-def _finished(run_dir: Path, plan: PlannedRun) -> RunResult | None:
-    """The run's result if it finished with this plan's config and strategy; ``None``
-    if it has yet to run or to finish; refuses a folder that holds a different run
-    (the experiment changed under it)."""
+def _finished(run_dir: Path, plan: PlannedRun) -> bool:
+    """Whether the run finished with this plan's config and strategy (``False``: it has
+    yet to run or to finish); refuses a folder that holds a different run (the
+    experiment changed under it)."""
     if not (run_dir / RUN_CONFIG_FILE).is_file():
-        return None
-    saved = load_config(run_dir / RUN_CONFIG_FILE).to_flat()
-    # The run saved its config with the corpus' label names filled in.
-    planned = with_label_names(plan.config.replace(**{"output-dir": str(run_dir)})).to_flat()
-    changed = sorted(k for k, v in planned.items() if saved.get(k) != v and k not in RESUMABLE_KEYS)
+        return False
+    changed = config_changes(run_dir, plan.config)
     made_by = recorded_strategy(run_dir)
     strategy = plan.build_strategy(plan.config)
     if made_by != (class_path(strategy) if strategy is not None else None):
@@ -306,12 +303,11 @@ def _finished(run_dir: Path, plan: PlannedRun) -> RunResult | None:
             "write the experiment to a new folder or delete that run"
         )
     if not (run_dir / SUMMARY_FILE).is_file():
-        return None  # interrupted: resumed from its checkpoint
-    result = RunResult.load(run_dir)
-    short = result.summary["rounds"] < plan.config.num_server_rounds
-    if short and not result.summary.get("stopped-early"):
-        return None  # num-server-rounds grew: continue from the last round
-    return result
+        return False  # interrupted: resumed from its checkpoint
+    summary = RunResult.load(run_dir).summary
+    # A run that ended early (privacy budgets spent) is finished; otherwise a grown
+    # num-server-rounds continues it from its last round.
+    return summary["rounds"] >= plan.config.num_server_rounds or "stopped-early" in summary
 
 
 def _as_plan_strategy(source: StrategySource, config: RunConfig) -> Strategy:
