@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -38,33 +37,11 @@ CASES = {
 }
 
 
-class PeakRss:
-    """Samples this process's resident memory every 2 ms."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self.process = psutil.Process()
-        self.baseline = self.peak = self.process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.002)
-
-    def stop_mb(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return (max(self.peak, self.process.memory_info().rss) - self.baseline) / 1e6
-
-
 def measure(name: str, clients: int) -> dict:
     """In this process: one round of ``clients`` replies through ``name``'s path."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import numpy as np
+    import psutil
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
@@ -74,6 +51,7 @@ def measure(name: str, clients: int) -> dict:
     from fedelta.lora import FOLD_PREFIX
     from fedelta.models import ModelSpec, cached_model
     from fedelta.server.validation import read_update
+    from fedelta.simulations.simulate import PeakMemory
     from fedelta.strategies import build_strategy
 
     overrides = CASES[name]
@@ -101,26 +79,27 @@ def measure(name: str, clients: int) -> dict:
         upload = compression.compress(delta, ClientMemory(), 1, client, None)
         return RecordDict({protocol.DELTA: upload, protocol.METRICS: metrics})
 
-    memory = PeakRss()
+    baseline = psutil.Process().memory_info().rss
     seconds = 0.0
-    if overrides is None:
-        replies = [reply(c) for c in range(clients)]  # the Grid returns all of them
-        started = time.perf_counter()
-        aggregate_arrayrecords(replies, protocol.NUM_EXAMPLES)
-        seconds = time.perf_counter() - started
-    else:
-        strategy.begin_round(1, global_state, [config.lora.r] * clients, population=clients)
-        for client in range(clients):
-            content = reply(client)
+    with PeakMemory(interval=0.002) as memory:
+        if overrides is None:
+            replies = [reply(c) for c in range(clients)]  # the Grid returns all of them
             started = time.perf_counter()
-            update = read_update(content, layout, compression, 1)
-            strategy.accumulate(update.delta, update.metrics.num_examples, config.lora.r)
-            del content, update
+            aggregate_arrayrecords(replies, protocol.NUM_EXAMPLES)
+            seconds = time.perf_counter() - started
+        else:
+            strategy.begin_round(1, global_state, [config.lora.r] * clients, population=clients)
+            for client in range(clients):
+                content = reply(client)
+                started = time.perf_counter()
+                update = read_update(content, layout, compression, 1)
+                strategy.accumulate(update.delta, update.metrics.num_examples, config.lora.r)
+                del content, update
+                seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            strategy.finish_round(global_state)
             seconds += time.perf_counter() - started
-        started = time.perf_counter()
-        strategy.finish_round(global_state)
-        seconds += time.perf_counter() - started
-    return {"seconds": seconds, "peak-mb": memory.stop_mb()}
+    return {"seconds": seconds, "peak-mb": (memory.peak_bytes - baseline) / 1e6}
 
 
 def main() -> None:
