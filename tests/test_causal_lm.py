@@ -194,6 +194,7 @@ def test_a_task_refuses_the_other_tasks_data(chat_config):
 
 
 # -- training and evaluation -------------------------------------------------------------
+@pytest.mark.training
 def test_perplexity_is_the_token_weighted_loss_of_the_model(chat_config, tokenizer):
     from fedelta.models import load_base_model
 
@@ -231,6 +232,7 @@ def test_gradient_accumulation_equals_one_step_on_the_joined_batch():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.training
 def test_local_training_lowers_the_held_out_loss_of_a_site(chat_config):
     from fedelta.client.trainer import ClientTrainer
     from fedelta.protocol import Site
@@ -245,6 +247,7 @@ def test_local_training_lowers_the_held_out_loss_of_a_site(chat_config):
     assert after.loss < before.loss - 0.3
 
 
+@pytest.mark.training
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -259,18 +262,33 @@ def test_local_training_lowers_the_held_out_loss_of_a_site(chat_config):
 )
 def test_every_uplink_method_runs_on_the_chat_path(chat_config, overrides):
     from fedelta.client.trainer import ClientTrainer
+    from fedelta.compression import UplinkCompression
+    from fedelta.models import adapter_state
     from fedelta.protocol import Site
 
-    trainer = ClientTrainer(chat_config.replace(**overrides), Site(0, 3, "site-0"))
+    config = chat_config.replace(**overrides)
+    trainer = ClientTrainer(config, Site(0, 3, "site-0"))
     start = trainer.receive(trainer.initial_state, {}, {})
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     out = trainer.fit(start, server_round=1)
-    delta = trainer.compression.decode(out.upload, trainer.uplink_layout, 1)
-    expected = trainer.compression.uplink_names(set(trainer.uplink_layout), 1)
-    assert set(delta) == set(expected) and len(delta) < len(start) + 1
+    after = adapter_state(trainer.model)
+    changed = {k for k in start if not torch.equal(after[k], start[k])}
+    # Decoded as the server does, with its own compression settings.
+    server = UplinkCompression(config.compression, config.seed)
+    delta = server.decode(out.upload, trainer.uplink_layout, 1)
+    assert set(delta) == changed  # what trained is what is sent
+    if config.compression.half_finetuning:  # half the LoRA modules, each with A and B
+        modules = {n.split(".lora_")[0] for n in trainable}
+        sent = {n.split(".lora_")[0] for n in delta}
+        assert len(sent) == (len(modules) + 1) // 2
+        assert set(delta) == {n for n in trainable if n.split(".lora_")[0] in sent}
+    else:
+        assert set(delta) == trainable
     dense = [d.dense() if isinstance(d, SparseTensor) else d for d in delta.values()]
     assert sum(float(d.abs().sum()) for d in dense) > 0
 
 
+@pytest.mark.training
 def test_one_process_federation_keeps_every_rounds_global_state(chat_config):
     from fedelta.simulations import federate
 

@@ -1,8 +1,13 @@
+from collections import Counter
+
 import pytest
 
 from fedelta.config import DataConfig
 from fedelta.data import (
+    ClientData,
     DataError,
+    _client_data,
+    _partitioner,
     load_client_data,
     load_corpus,
     load_site_data,
@@ -17,14 +22,36 @@ def test_rotten_tomatoes_is_reviews_only_with_a_held_out_split():
     assert len(corpus.pool) + len(corpus.test) == 12808  # 7403 fresh + 5405 rotten, no plots
 
 
+def _rows(data: ClientData) -> Counter[tuple[str, int]]:
+    """The (text, label) rows of a site, train and validation together."""
+    splits = (data.train, data.validation)
+    return Counter(
+        row for split in splits for row in zip(split["text"], split["label"], strict=True)
+    )
+
+
 def test_partitions_are_disjoint_cover_the_pool_and_are_seeded():
     config = DataConfig(test_size=500)
     parts = [load_client_data(config, 1, 4, i) for i in range(4)]
-    sizes = [len(p.train) + len(p.validation) for p in parts]
-    assert sum(sizes) == len(load_corpus(config, 1).pool)
-    again = load_client_data(config, 1, 4, 2)
-    assert again.train["text"] == parts[2].train["text"]
+    pool = load_corpus(config, 1).pool
+    pool_rows = Counter(zip(pool["text"], pool["label"], strict=True))
+    # As multisets (the corpus repeats a few reviews): each pool row is in exactly one
+    # site, and there in train or validation, not both.
+    assert sum((_rows(p) for p in parts), Counter()) == pool_rows
     assert all(len(p.validation) >= 1 for p in parts)
+    # Seeded: partitioned anew (not taken from the per-process cache), the same split.
+    _client_data.cache_clear()
+    _partitioner.cache_clear()
+    again = load_client_data(config, 1, 4, 2)
+    assert list(again.train["text"]) == list(parts[2].train["text"])
+    assert list(again.validation["text"]) == list(parts[2].validation["text"])
+    # Another seed, another split: most reviews land on another site than before (the
+    # same split would keep all of them; seeds 1 and 7 keep about a quarter).
+    stays = sum(
+        len(set(load_client_data(config, 7, 4, i).train["text"]) & set(p.train["text"]))
+        for i, p in enumerate(parts)
+    )
+    assert stays < 0.5 * sum(len(p.train) for p in parts)
 
 
 def test_dirichlet_skews_labels_iid_does_not():

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from peft import get_peft_model_state_dict
 from peft.utils import merge_utils
 from safetensors.torch import load_file, save_file
 
@@ -87,9 +90,17 @@ def _llama(path):
 
 @pytest.mark.parametrize(
     ("build", "block_of"),
-    [
-        (_bert, lambda n: int(n.split("encoder.layer.")[1].split(".")[0])),
-        (_llama, lambda n: int(n.split("model.layers.")[1].split(".")[0])),
+    [  # MiniLM and the tiny Llama are loaded from disk; GPT-2 is built in memory
+        pytest.param(
+            _bert,
+            lambda n: int(n.split("encoder.layer.")[1].split(".")[0]),
+            marks=pytest.mark.training,
+        ),
+        pytest.param(
+            _llama,
+            lambda n: int(n.split("model.layers.")[1].split(".")[0]),
+            marks=pytest.mark.training,
+        ),
         (_gpt2, lambda n: int(n.split("transformer.h.")[1].split(".")[0])),
     ],
     ids=["bert", "llama", "gpt2"],
@@ -240,6 +251,7 @@ def trained_adapter(tmp_path_factory):
     return export_adapter(trainer.model, state, labels, "all-MiniLM-L6-v2", folder / "adapter")
 
 
+@pytest.mark.training
 def test_transfer_onto_the_same_base_reproduces_the_fine_tuned_model(trained_adapter, tmp_path):
     from fedelta.merging.transfer import transfer
     from fedelta.models import load_tokenizer
@@ -258,6 +270,7 @@ def test_transfer_onto_the_same_base_reproduces_the_fine_tuned_model(trained_ada
     assert transferred.config.id2label == {0: "fresh", 1: "rotten"}
 
 
+@pytest.mark.training
 def test_transfer_diagnostic_measures_the_version_shift(trained_adapter, tmp_path):
     from fedelta.merging.task_vectors import from_adapter
     from fedelta.merging.transfer import transfer
@@ -275,26 +288,99 @@ def test_transfer_diagnostic_measures_the_version_shift(trained_adapter, tmp_pat
     assert report["overall"]["cosine"] == pytest.approx(1.0, abs=1e-5)
 
 
+def _another_adapter(adapter: Path, out: Path) -> Path:
+    """A copy of ``adapter`` with other factors and head: flipped, scaled and jittered."""
+    shutil.copytree(adapter, out)
+    g = torch.Generator().manual_seed(3)
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    other = {k: -0.7 * v + 0.05 * torch.randn(v.shape, generator=g) for k, v in weights.items()}
+    save_file(other, str(out / "adapter_model.safetensors"))
+    return out
+
+
+@pytest.mark.training
 def test_merging_adapters_by_product_and_by_factors(trained_adapter, tmp_path):
     from fedelta.merging.saved import merge_saved
     from fedelta.server.export import load_exported
 
-    one = merge_saved([trained_adapter, trained_adapter], tmp_path / "p", "task-arithmetic")
+    other = _another_adapter(trained_adapter, tmp_path / "other")
+    one = merge_saved([trained_adapter, other], tmp_path / "p", "task-arithmetic")
     merged = load_exported(one).state_dict()
-    reference = load_exported(trained_adapter).merge_and_unload().state_dict()
-    for k in reference:  # the average of an adapter with itself is the adapter
-        torch.testing.assert_close(merged[k], reference[k], atol=1e-6, rtol=0)
+    # Averaging the products is averaging the two fine-tuned models peft folds each into.
+    first, second = (
+        load_exported(a).merge_and_unload().state_dict() for a in (trained_adapter, other)
+    )
+    assert merged.keys() == first.keys()
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    for k in first:
+        torch.testing.assert_close(merged[k], (first[k] + second[k]) / 2, atol=1e-6, rtol=0)
     factors = merge_saved(
-        [trained_adapter, trained_adapter], tmp_path / "f", "ties", density=0.5, lora_mode="factors"
+        [trained_adapter, other], tmp_path / "f", "ties", density=0.5, lora_mode="factors"
     )
     assert json.loads((factors / "fedelta.json").read_text())["base-model"] == "all-MiniLM-L6-v2"
-    load_exported(factors)  # a PEFT adapter again
+    inputs = [load_file(str(a / "adapter_model.safetensors")) for a in (trained_adapter, other)]
+    written = load_file(str(factors / "adapter_model.safetensors"))
+    assert written.keys() == inputs[0].keys()
+    for k, value in written.items():  # A, B and the head, each merged on its own
+        expected = merge_utils.ties([t[k] for t in inputs], torch.ones(2), 0.5)
+        torch.testing.assert_close(value, expected, rtol=0, atol=0)
+    peft_model = load_exported(factors)  # a PEFT adapter again, holding the merged factors
+    loaded = get_peft_model_state_dict(peft_model)  # keyed as peft saves them
+    assert all(torch.equal(loaded[k], v) for k, v in written.items())
 
 
 # -- federations -----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ties_aggregation_with_a_lines_export_through_flower(tiny_config):
+    import re
+
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from fedelta.client import app as client_app
+    from fedelta.compression import UplinkCompression
+    from fedelta.lora import A_SUFFIX
+    from fedelta.server.evaluation import CentralEvaluator
+    from fedelta.server.export import load_exported
     from fedelta.simulations import simulate
+
+    def train_and_keep_the_upload(msg, context):
+        """fedelta's train, keeping a copy of what the site sends (a local function:
+        Ray pickles it by value)."""
+        from pathlib import Path
+
+        import numpy as np
+
+        from fedelta import protocol
+
+        reply = client_app.train(msg, context)
+        config, server_round = protocol.read_config(msg.content)
+        folder = Path(config.output_dir) / "sent"
+        folder.mkdir(exist_ok=True)
+        upload = reply.content.array_records[protocol.DELTA]
+        examples = reply.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES]
+        site = context.node_config["partition-id"]
+        np.savez(
+            folder / f"round-{server_round}-site-{site}.npz",
+            examples=np.array(examples),
+            **{k: v.numpy() for k, v in upload.items()},
+        )
+        return reply
+
+    def ties(deltas: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
+        """TIES-merging (Yadav et al., 2023): keep each delta's largest entries, elect a
+        sign per entry by their sum, average the weighted entries that agree with it."""
+        trimmed = []
+        for d in deltas:
+            keep = torch.zeros(d.numel(), dtype=torch.bool)
+            # Equal magnitudes are common (Adam's first steps): break ties as topk does.
+            keep[d.abs().flatten().topk(int(density * d.numel())).indices] = True
+            trimmed.append(d.double() * keep.view(d.shape))
+        stacked = torch.stack(trimmed)
+        sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0).double()
+        agree = stacked.sign() == sign
+        w = torch.tensor(weights, dtype=torch.float64).view(-1, *[1] * deltas[0].dim())
+        return (stacked * w * agree).sum(0) / agree.sum(0).clamp(min=1)
 
     config = tiny_config.replace(
         **{
@@ -304,17 +390,69 @@ def test_ties_aggregation_with_a_lines_export_through_flower(tiny_config):
             "export.merge": "lines",
         }
     )
-    result = simulate(config, progress=False)
+    result = simulate(
+        config, client_app=client_app.with_train(train_and_keep_the_upload), progress=False
+    )
     assert result.summary["strategy"] == "fedavg+naive+ties"
     assert result.summary["export-merge"] == "lines"
-    assert 0 <= result.summary["exported-test-accuracy"] <= 1
-    assert sorted(p.name for p in (result.run_dir / "round-states").iterdir()) == [
+    folder = result.run_dir / "round-states"
+    assert sorted(p.name for p in folder.iterdir()) == [
         "round-0.safetensors",
         "round-1.safetensors",
         "round-2.safetensors",
     ]
+    states = [load_file(str(folder / f"round-{r}.safetensors")) for r in range(3)]
+
+    # Each round's global model is the last one plus TIES of the uploads it received,
+    # weighted by example counts relative to their mean (FedAvg, server lr 1).
+    layout = {k: tuple(v.shape) for k, v in states[0].items()}
+    wire = UplinkCompression(config.compression, config.seed)
+    for server_round in (1, 2):
+        sent = [
+            np.load(result.run_dir / "sent" / f"round-{server_round}-site-{i}.npz")
+            for i in range(2)
+        ]
+        counts = [float(s["examples"]) for s in sent]
+        weights = [c * len(counts) / sum(counts) for c in counts]
+        uploads = [
+            wire.decode(
+                ArrayRecord({k: Array(s[k]) for k in s.files if k != "examples"}),
+                layout,
+                server_round,
+            )
+            for s in sent
+        ]
+        before, after = states[server_round - 1], states[server_round]
+        for name in layout:
+            merged = ties([u[name] for u in uploads], weights, 0.5)
+            torch.testing.assert_close(
+                after[name].double(), before[name].double() + merged, rtol=1e-5, atol=1e-7
+            )
+
+    # LiNeS: B and the head of block l of L = 6 keep 0.5 + 0.5 (l - 1) / 5 of the change
+    # since round 0 (the head, above the blocks, all of it); A stays the last round's.
+    exported = dict(load_exported(result.adapter_dir).named_parameters())
+    first, last = states[0], states[2]
+    for name in last:
+        block = re.search(r"encoder\.layer\.(\d+)\.", name)
+        scale = 0.5 + 0.5 * int(block.group(1)) / 5 if block else 1.0
+        expected = (
+            last[name]
+            if name.endswith(A_SUFFIX)
+            else first[name] + scale * (last[name] - first[name])
+        )
+        torch.testing.assert_close(exported[name].detach(), expected, rtol=1e-5, atol=1e-7)
+    shallow = next(n for n in last if "layer.0." in n and "lora_B" in n)
+    assert not torch.equal(exported[shallow], last[shallow])  # scaled, not copied
+
+    # The exported model's reported test metrics are its own, evaluated here anew.
+    evaluator = CentralEvaluator(config)
+    again = evaluator.task.evaluate(load_exported(result.adapter_dir), evaluator.loader)
+    assert again.accuracy == result.summary["exported-test-accuracy"]
+    assert again.loss == pytest.approx(result.summary["exported-test-loss"], rel=1e-6)
 
 
+@pytest.mark.training
 def test_init_from_takes_model_folders_and_merges_adapters(trained_adapter, tmp_path):
     from fedelta.cli import _init_model, main
     from fedelta.config import ConfigError

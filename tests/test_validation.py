@@ -57,9 +57,13 @@ def _uplink(settings: dict) -> UplinkCompression:
     return UplinkCompression(CompressionConfig(**settings), seed=3)
 
 
+Sent = dict[str, torch.Tensor]
+
+
 @st.composite
-def delta_records(draw: st.DrawFn) -> tuple[ArrayRecord, UplinkCompression, bool]:
-    """A delta encoded as a real client would, then possibly damaged in one way."""
+def delta_records(draw: st.DrawFn) -> tuple[ArrayRecord, UplinkCompression, bool, Sent]:
+    """A delta encoded as a real client would, then possibly damaged in one way; with
+    the delta that was encoded."""
     comp = _uplink(draw(st.sampled_from(COMPRESSIONS)))
     values = {
         k: torch.from_numpy(
@@ -72,6 +76,7 @@ def delta_records(draw: st.DrawFn) -> tuple[ArrayRecord, UplinkCompression, bool
     if mask is not None:  # a masked client's delta is zero off its mask
         values = {k: SparseTensor.gather(v, mask.indices[k]).dense() for k, v in values.items()}
     record = comp.compress(values, ClientMemory(), 1, client_seed=0, mask=mask)
+    intact = (record, comp, True, values)
     kind = draw(st.sampled_from(MUTATIONS))
     key = draw(st.sampled_from(sorted(record.keys())))
     good = record[key].numpy()
@@ -95,7 +100,7 @@ def delta_records(draw: st.DrawFn) -> tuple[ArrayRecord, UplinkCompression, bool
             or (good.dtype.kind == "f" and np.dtype(other).kind == "f")
             or (good.dtype.kind == "u" and other is np.int64)
         ):
-            return record, comp, True
+            return intact
         record[key] = Array(good.astype(other))
     elif kind == "2-d":
         record[key] = Array(good.reshape(1, -1))
@@ -132,7 +137,7 @@ def delta_records(draw: st.DrawFn) -> tuple[ArrayRecord, UplinkCompression, bool
                     offset += formats[name].count
             inner = [i for i in range(len(idx)) if i not in starts]
             if not inner:
-                return record, comp, True
+                return intact
             at = draw(st.sampled_from(inner))
             idx[at] = idx[at - 1]
         record["indices"] = Array(idx.astype(original.dtype))
@@ -141,19 +146,20 @@ def delta_records(draw: st.DrawFn) -> tuple[ArrayRecord, UplinkCompression, bool
         scales[draw(st.integers(0, len(scales) - 1))] = draw(st.sampled_from([-1.0, np.nan]))
         record["scales"] = Array(scales)
     else:
-        return record, comp, True
-    return record, comp, False
+        return intact
+    return record, comp, False, values
 
 
 @st.composite
-def replies(draw: st.DrawFn) -> tuple[RecordDict, UplinkCompression, bool]:
-    """A training reply, malformed in any number of ways, and whether it is valid."""
+def replies(draw: st.DrawFn) -> tuple[RecordDict, UplinkCompression, bool, Sent]:
+    """A training reply, malformed in any number of ways, whether it is valid, and the
+    delta the client encoded."""
     valid = True
     content = RecordDict()
-    comp = _uplink({})
+    comp, sent = _uplink({}), {}
     delta_form = draw(st.sampled_from(["record", "record", "record", "absent", "config"]))
     if delta_form == "record":
-        record, comp, ok = draw(delta_records())
+        record, comp, ok, sent = draw(delta_records())
         content[protocol.DELTA] = record
         valid &= ok
     else:
@@ -175,13 +181,12 @@ def replies(draw: st.DrawFn) -> tuple[RecordDict, UplinkCompression, bool]:
         content[protocol.METRICS] = metrics
     else:
         valid = False
-    return content, comp, valid
+    return content, comp, valid, sent
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(replies())
-def test_every_malformed_reply_is_rejected_with_a_reason_and_valid_ones_pass(reply):
-    content, comp, valid = reply
+def _check_reply(reply: tuple[RecordDict, UplinkCompression, bool, Sent]) -> None:
+    """A malformed reply is refused with a reason; a valid one decodes to what was sent."""
+    content, comp, valid, sent = reply
     if not valid:
         with pytest.raises(InvalidUpdateError) as caught:
             read_update(content, LAYOUT, comp, 1)
@@ -191,7 +196,42 @@ def test_every_malformed_reply_is_rejected_with_a_reason_and_valid_ones_pass(rep
     dense = densify(update.delta)
     assert {k: tuple(v.shape) for k, v in dense.items()} == LAYOUT
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in dense.values())
-    assert update.metrics.num_examples > 0 and math.isfinite(update.metrics.train_loss)
+    for name, value in update.delta.items():
+        _assert_decodes_to(value, sent[name], comp)
+    metrics = content.metric_records[protocol.METRICS]
+    assert update.metrics.num_examples == metrics[protocol.NUM_EXAMPLES]
+    assert update.metrics.train_loss == metrics["train-loss"]
+
+
+_FUZZ = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+# A quick search in the fast tier (and for mutation testing), a long one with the slow tests.
+test_malformed_replies_are_rejected_and_valid_ones_decode = settings(max_examples=300, **_FUZZ)(
+    given(replies())(_check_reply)
+)
+test_every_malformed_reply_is_rejected_with_a_reason_and_valid_ones_pass = pytest.mark.slow(
+    settings(max_examples=3000, **_FUZZ)(given(replies())(_check_reply))
+)
+
+
+def _assert_decodes_to(
+    value: torch.Tensor | SparseTensor, encoded: torch.Tensor, comp: UplinkCompression
+) -> None:
+    """``value`` is what the client encoded from ``encoded``: every sent entry within the
+    codec's stated bound (exact for fp32), and, when sparse, the right number of entries,
+    none left out larger than one sent (top-k; a training mask's delta is zero off it)."""
+    flat = encoded.reshape(-1)
+    if isinstance(value, SparseTensor):
+        assert len(value.indices) == math.ceil(comp.settings.density * flat.numel())
+        kept = torch.zeros(flat.numel(), dtype=torch.bool)
+        kept[value.indices] = True
+        if comp.sparsity != "random-mask" and not kept.all():  # a seeded mask ignores size
+            assert float(flat[~kept].abs().max()) <= float(flat[kept].abs().min())
+        # The indices are strictly increasing (validated), so they line up with flat[kept].
+        flat, decoded = flat[kept], value.values
+    else:
+        decoded = value.reshape(-1)
+    error = float((decoded - flat).abs().max())
+    assert error <= comp.codec.error_bound(flat), (error, comp.codec.name)
 
 
 def _reply(delta: dict[str, np.ndarray], examples: object = 10, loss: object = 0.5) -> RecordDict:
