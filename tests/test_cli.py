@@ -108,3 +108,30 @@ def test_the_cli_starts_without_the_training_stack():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.training
+def test_centralised_trains_the_federations_step_budget_and_writes_its_rows(capsys, tmp_path):
+    out = tmp_path / "rows.jsonl"
+    settings = [
+        "num-server-rounds=1",
+        "local-steps=2",
+        "simulation.num-supernodes=2",
+        "batch-size=8",
+        "model.max-length=32",
+        "data.test-size=64",
+    ]
+    args = ["centralised", "--eval-every", "3", "--out", str(out)]
+    assert cli([*args, *(a for s in settings for a in ("--set", s))]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    # 1 round x 2 sites x 2 local steps: the budget of the federation it is compared with,
+    # evaluated every 3 steps and at the end.
+    assert printed[0] == "centralised baseline: 4 steps, lr 0.002, batch 8"
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [json.loads(line) for line in printed[1:]] == rows
+    assert [r["step"] for r in rows] == [3, 4]
+    for row in rows:
+        assert row["train-loss"] > 0 and row["test-loss"] > 0
+        # Accuracy on 64 test examples: a whole number of them.
+        assert (row["test-accuracy"] * 64) == pytest.approx(round(row["test-accuracy"] * 64))
+    assert rows[0]["test-loss"] != rows[1]["test-loss"]  # the 4th step trained the model

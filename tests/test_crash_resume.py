@@ -20,13 +20,16 @@ from fedelta.simulations import simulate
 pytestmark = pytest.mark.slow
 
 
-def _rounds(run_dir: Path) -> list[int]:
+def _rows(run_dir: Path) -> list[dict]:
+    """The complete rows of a run's metrics log (a row being written is left out)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [
-        json.loads(line)["round"] for line in path.read_text().splitlines() if line.endswith("}")
-    ]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def _rounds(run_dir: Path) -> list[int]:
+    return [row["round"] for row in _rows(run_dir)]
 
 
 def _kill_tree(proc: subprocess.Popen) -> int:
@@ -51,10 +54,17 @@ def test_sigkill_mid_round_then_resume_and_extend_ends_like_an_uninterrupted_run
 ):
     """A 2-round run is killed in round 2, then resumed through the CLI with one more
     round (num-server-rounds may grow on resume): it ends where a straight 3-round run
-    ends, with every round recorded once."""
-    # Rounds long enough (10 local steps) that the kill lands before the run ends.
+    ends, with every round recorded once and the same site sampled in each round."""
+    # Rounds long enough (10 local steps) that the kill lands before the run ends; one
+    # site of two per round, so the server's sampling RNG draws (and must be restored).
     config = tiny_config.replace(
-        **{"num-server-rounds": 3, "fraction-evaluate": 0.0, "local-steps": 10}
+        **{
+            "num-server-rounds": 3,
+            "fraction-evaluate": 0.0,
+            "local-steps": 10,
+            "fraction-train": 0.5,
+            "min-train-nodes": 1,
+        }
     )
     straight = simulate(
         config.replace(**{"output-dir": str(tmp_path / "straight")}), progress=False
@@ -101,6 +111,9 @@ def test_sigkill_mid_round_then_resume_and_extend_ends_like_an_uninterrupted_run
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _rounds(killed) == [0, 1, 2, 3]  # no round lost or counted twice
+    sampled = [row["sites-sampled"] for row in straight.rows[1:]]
+    assert all(len(sites) == 1 for sites in sampled) and len({s[0] for s in sampled}) == 2
+    assert [row["sites-sampled"] for row in _rows(killed)[1:]] == sampled
     a, b = load_checkpoint(straight.run_dir), load_checkpoint(killed)
     assert a.server_round == b.server_round == 3
     for name, tensor in a.global_state.items():

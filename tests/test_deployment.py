@@ -182,7 +182,11 @@ def test_plaintext_supernode_is_refused(federation: dict) -> None:
     assert proc.wait(timeout=90) != 0
     log = federation["processes"].log("plaintext")
     assert "WITHOUT TLS" in log  # fedelta warned before starting it
+    # Refused at the connection (the TLS SuperLink never answers a plaintext channel),
+    # not by node authentication or a crash: it retried until --max-wait-time, gave up.
+    assert "Giving up reconnection after" in log, log[-2000:]
     assert "SuperNode ID" not in log  # it never joined
+    assert "Failed to activate SuperNode" not in log
 
 
 def test_two_sites_train_two_rounds_over_tls(federation: dict) -> None:

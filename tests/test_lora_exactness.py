@@ -62,7 +62,10 @@ def model_dirs(tmp_path_factory) -> dict[str, str]:
 
 
 @functools.cache
-def _model(path: str, arch: str, rank: int, alpha: int, rslora: bool, rule: str):
+def _model(path: str, arch: str, rank: int, alpha: int, rslora: bool, rule: str, role: str):
+    """A built model and its initial adapter, cached per process like ``cached_model``.
+    ``role`` keeps the server's model apart from the clients' (they live in different
+    processes), so a client of the global rank is not the server's object."""
     spec = ModelSpec(
         name=path,
         num_labels=2,
@@ -89,7 +92,7 @@ def _round(dirs, arch, rule_name, ranks, weights, alpha, rslora, seed, svd=False
     scaling = RankScaling(GLOBAL_RANK, alpha, rslora)
     rule = LORA_AGGREGATIONS[rule_name](scaling, seed=7, svd_projection=svd)
     strategy = DeltaStrategy(rule)
-    server, server_init = _model(path, arch, GLOBAL_RANK, alpha, rslora, rule_name)
+    server, server_init = _model(path, arch, GLOBAL_RANK, alpha, rslora, rule_name, "server")
     gen = torch.Generator().manual_seed(seed)
     # A non-trivial global model: random adapter and, for folding rules, a random fold.
     # (FFA-LoRA's A stays the seeded one: clients regenerate it rather than receive it.)
@@ -107,7 +110,8 @@ def _round(dirs, arch, rule_name, ranks, weights, alpha, rslora, seed, svd=False
     total = float(sum(weights))
     start_error = 0.0
     for rank, weight in zip(ranks, weights, strict=True):
-        client, client_init = _model(path, arch, rank, alpha, rslora, rule_name)
+        client, client_init = _model(path, arch, rank, alpha, rslora, rule_name, "client")
+        assert client is not server
         start = load_client_view(
             client, rule, rank, adapter, fold, {}, initial_state=client_init, seed=7
         )
@@ -180,9 +184,10 @@ def test_fedsa_clients_train_their_own_b(model_dirs):
     """FedSA-LoRA: B never travels; a site starts from its kept B, or its initial B."""
     path = model_dirs["bert-linear"]
     rule = LORA_AGGREGATIONS["fedsa"](RankScaling(GLOBAL_RANK, 16), seed=7)
-    model, init = _model(path, "bert-linear", 2, 16, False, "fedsa")
+    model, init = _model(path, "bert-linear", 2, 16, False, "fedsa", "client")
     strategy = DeltaStrategy(rule)
-    global_state = strategy.initial_state(_model(path, "bert-linear", 4, 16, False, "fedsa")[1])
+    server_init = _model(path, "bert-linear", 4, 16, False, "fedsa", "server")[1]
+    global_state = strategy.initial_state(server_init)
     adapter, fold = strategy.downlink(global_state)
     assert not any(k.endswith("lora_B.default.weight") for k in adapter) and not fold
     b_names = [k for k in init if k.endswith("lora_B.default.weight")]
