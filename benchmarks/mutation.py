@@ -88,6 +88,7 @@ def main() -> int:
             "TOKENIZERS_PARALLELISM": "false",
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
+            "HYPOTHESIS_PROFILE": "mutation",
         }
         mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
         subprocess.run(mutmut, cwd=ROOT, env=env, check=True)

@@ -5,11 +5,18 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import Phase, settings
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from fedelta.config import RunConfig  # noqa: E402
+
+# `make mutation` needs each failure, not its smallest example: no shrinking there.
+settings.register_profile(
+    "mutation", phases=[Phase.explicit, Phase.reuse, Phase.generate], database=None
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
