@@ -65,12 +65,20 @@ def _train_loss(trainer: ClientTrainer) -> float:
     return trainer.task.evaluate(trainer.model, loader).loss
 
 
-def _rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int) -> float:
-    """Epsilon at ``DELTA`` of ``steps`` subsampled Gaussian steps, from Opacus' RDP
-    analysis directly (over its accountant's default orders), not from fedelta's."""
+def _composed_epsilon(mechanisms: Sequence[tuple[float, float, int]]) -> float:
+    """Epsilon at ``DELTA`` of running the (noise, rate, steps) mechanisms one after the
+    other: their RDP curves add up. Opacus' analysis directly (over its accountant's
+    default orders), not fedelta's accountant."""
     orders = RDPAccountant.DEFAULT_ALPHAS
-    rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=orders)
+    rdp = sum(
+        compute_rdp(q=q, noise_multiplier=z, steps=n, orders=orders) for z, q, n in mechanisms
+    )
     return float(get_privacy_spent(orders=orders, rdp=rdp, delta=DELTA)[0])
+
+
+def _rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int) -> float:
+    """Epsilon at ``DELTA`` of ``steps`` subsampled Gaussian steps."""
+    return _composed_epsilon([(noise_multiplier, sample_rate, steps)])
 
 
 # -- DP-SGD ------------------------------------------------------------------------------
@@ -945,16 +953,6 @@ def test_secure_aggregation_example_with_distributed_dp_is_the_clipped_site_mean
 
 
 # -- accounting state ----------------------------------------------------------------------
-def _composed_epsilon(mechanisms: Sequence[tuple[float, float, int]]) -> float:
-    """Epsilon at ``DELTA`` of running the mechanisms one after the other: their RDP
-    curves add up (Opacus' analysis directly, over its accountant's default orders)."""
-    orders = RDPAccountant.DEFAULT_ALPHAS
-    rdp = sum(
-        compute_rdp(q=q, noise_multiplier=z, steps=n, orders=orders) for z, q, n in mechanisms
-    )
-    return float(get_privacy_spent(orders=orders, rdp=rdp, delta=DELTA)[0])
-
-
 def test_accounting_saved_in_the_node_state_gives_the_same_epsilon_and_keeps_composing():
     """A site's budget outlives the round: what it spent comes back from ``Context.state``
     and further rounds add to it instead of starting over."""
