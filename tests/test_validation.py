@@ -17,7 +17,7 @@ from fedelta import protocol
 from fedelta.compression import ClientMemory, SparseTensor, UplinkCompression, densify
 from fedelta.config import CompressionConfig
 from fedelta.deltas import InvalidUpdateError
-from fedelta.server.validation import read_update
+from fedelta.server.validation import ReplyMetrics, read_update
 
 LAYOUT = {"encoder.lora_A": (2, 3), "encoder.lora_B": (3, 2), "head.bias": (4,)}
 COMPRESSIONS = [
@@ -267,6 +267,35 @@ def _ones(scale: float = 1.0) -> dict[str, np.ndarray]:
 def test_rejections_name_the_problem(content, message):
     with pytest.raises(InvalidUpdateError, match=message.replace("(", r"\(").replace(")", r"\)")):
         read_update(content, LAYOUT, _uplink({}), 1)
+
+
+def test_a_valid_reply_yields_its_delta_and_metrics():
+    update = read_update(_reply(_ones(100.0)), LAYOUT, _uplink({}), 1)  # no norm bound by default
+    assert update.metrics == ReplyMetrics(10, 0.5)
+    assert set(update.delta) == set(LAYOUT)
+    assert torch.equal(update.delta["head.bias"], torch.full((4,), 100.0))
+
+
+def test_a_reply_without_a_delta_is_refused():
+    metrics_only = RecordDict(
+        {protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 10, "train-loss": 0.5})}
+    )
+    with pytest.raises(InvalidUpdateError, match="^reply has no 'delta' record$"):
+        read_update(metrics_only, LAYOUT, _uplink({}), 1)
+
+
+def test_the_delta_is_checked_against_the_layout():
+    wider = {**LAYOUT, "head.bias": (5,)}
+    with pytest.raises(InvalidUpdateError, match="^'values' holds 16 entries, expected 17$"):
+        read_update(_reply(_ones()), wider, _uplink({}), 1)
+
+
+def test_a_norm_bound_below_1_applies_too():
+    comp = _uplink({})
+    assert read_update(_reply(_ones(0.1)), LAYOUT, comp, 1, max_norm=0.5).metrics.num_examples
+    with pytest.raises(InvalidUpdateError) as caught:
+        read_update(_reply(_ones(0.1)), LAYOUT, comp, 1, max_norm=0.35)
+    assert str(caught.value) == "update norm 0.4 exceeds max-update-norm 0.35"
 
 
 def test_optional_norm_bound_rejects_instead_of_scaling():

@@ -15,7 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from fedelta import protocol
-from fedelta.compression import ClientMemory, SparseTensor, UplinkCompression
+from fedelta.compression import SparseTensor
 from fedelta.compression.quantization import Codec, Fp32, Int8
 from fedelta.compression.wire import (
     INDICES,
@@ -26,9 +26,8 @@ from fedelta.compression.wire import (
     encode_delta,
     format_of,
 )
-from fedelta.config import CompressionConfig
 from fedelta.deltas import InvalidUpdateError
-from fedelta.server.validation import ReplyMetrics, read_metrics, read_update
+from fedelta.server.validation import ReplyMetrics, read_metrics
 
 Delta = dict[str, torch.Tensor | SparseTensor]
 
@@ -332,48 +331,3 @@ def test_a_dp_sgd_reply_needs_its_whole_mechanism(overrides):
     with pytest.raises(InvalidUpdateError) as caught:
         read_metrics(_content(**settings))
     assert str(caught.value) == message
-
-
-# -- whole replies -----------------------------------------------------------------------
-LAYOUT = {"a": (2,), "b": (2, 2)}
-
-
-def _reply(scale: float = 1.0, layout: dict[str, tuple[int, ...]] = LAYOUT) -> RecordDict:
-    """A reply whose delta is all ``scale`` (L2 norm ``scale * sqrt(6)`` in ``LAYOUT``)."""
-    delta = {k: torch.full(s, scale) for k, s in layout.items()}
-    record = _uplink().compress(delta, ClientMemory(), 1, client_seed=0)
-    content = _content()
-    content[protocol.DELTA] = record
-    return content
-
-
-def _uplink() -> UplinkCompression:
-    return UplinkCompression(CompressionConfig(), seed=3)
-
-
-def test_a_valid_reply_yields_its_delta_and_metrics():
-    update = read_update(_reply(100.0), LAYOUT, _uplink(), 1)  # no norm bound by default
-    assert update.metrics == ReplyMetrics(10, 0.5)
-    assert set(update.delta) == set(LAYOUT)
-    assert torch.equal(update.delta["b"], torch.full((2, 2), 100.0))
-
-
-def test_a_reply_without_a_delta_is_refused():
-    with pytest.raises(InvalidUpdateError, match="^reply has no 'delta' record$"):
-        read_update(_content(), LAYOUT, _uplink(), 1)
-
-
-def test_the_delta_is_checked_against_the_layout():
-    with pytest.raises(InvalidUpdateError, match="^'values' holds 6 entries, expected 7$"):
-        read_update(_reply(), {"a": (3,), "b": (2, 2)}, _uplink(), 1)
-
-
-def test_the_norm_bound_rejects_only_updates_above_it():
-    norm = 0.2 * math.sqrt(6)  # ~0.49: below 1, so a bound under 1 must still apply
-    assert read_update(_reply(0.2), LAYOUT, _uplink(), 1, max_norm=0.5).metrics.num_examples
-    with pytest.raises(InvalidUpdateError) as caught:
-        read_update(_reply(0.2), LAYOUT, _uplink(), 1, max_norm=0.45)
-    assert str(caught.value) == f"update norm {norm:.4g} exceeds max-update-norm 0.45"
-    four = {"a": (2,), "b": (1, 2)}
-    exact = read_update(_reply(2.0, four), four, _uplink(), 1, max_norm=4.0)
-    assert exact.metrics.num_examples == 10  # ||2 * ones(4)|| == 4: at the bound, accepted
