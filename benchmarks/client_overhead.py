@@ -39,7 +39,7 @@ from fedelta.config import RunConfig  # noqa: E402
 from fedelta.data import load_client_data  # noqa: E402
 from fedelta.models import resolve_model_path  # noqa: E402
 from fedelta.protocol import Site  # noqa: E402
-from fedelta.training import derive_seed  # noqa: E402
+from fedelta.seeding import derive_seed  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 NUM_SITES = 8

@@ -13,8 +13,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from fedelta import __version__, deployment
+from fedelta import __version__
 from fedelta.config import RUN_CONFIG_FILE, ConfigError, RunConfig, load_config
+from fedelta.deployment import commands as deployment
 from fedelta.errors import UserError
 
 # Commands import what they use when they run: `fedelta certs` or `fedelta --help`
@@ -379,7 +380,7 @@ def _centralised(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from fedelta.privacy.certs import generate_certs, site_names
+    from fedelta.deployment.certs import generate_certs, site_names
 
     names = [n.strip() for n in args.names.split(",")] if args.names else ()
     written = generate_certs(

@@ -16,15 +16,10 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-TensorDict = dict[str, torch.Tensor]
-Layout = Mapping[str, tuple[int, ...]]
-"""Expected tensor names and shapes."""
+from fedelta.errors import InvalidUpdateError
+from fedelta.tensors import Layout, TensorDict
 
 _WIRE_FLOATS = (torch.float16, torch.float32, torch.float64)
-
-
-class InvalidUpdateError(ValueError):
-    """A received tensor record does not match what the server expects."""
 
 
 def encode(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -66,7 +61,3 @@ def decode(record: ArrayRecord, layout: Layout | None = None) -> TensorDict:
             raise InvalidUpdateError(f"tensor '{name}' has non-finite values")
         tensors[name] = tensor
     return tensors
-
-
-def layout_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(t.shape) for name, t in tensors.items()}

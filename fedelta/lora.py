@@ -29,15 +29,23 @@ from dataclasses import dataclass
 import torch
 from peft.tuners.lora import LoraLayer
 
-from fedelta.training import derive_seed
-
-TensorDict = dict[str, torch.Tensor]
+from fedelta.seeding import derive_seed
+from fedelta.tensors import TensorDict
 
 A_SUFFIX = ".lora_A.default.weight"
 B_SUFFIX = ".lora_B.default.weight"
 FOLD_PREFIX = "fold/"
 """Global-state keys holding a module's base-weight correction ``C`` (server side)."""
 _PRISTINE = "_fedelta_pristine_base"
+
+HEAD_MODULES = ("classifier", "score")
+"""Names of classification heads (peft's ``modules_to_save`` for SEQ_CLS)."""
+
+
+def is_head(name: str) -> bool:
+    """Whether trainable tensor ``name`` belongs to the classification head (newly
+    initialised, tiny: always trained in full and sent dense)."""
+    return any(part in HEAD_MODULES for part in name.split(".")[:4])
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:

@@ -23,19 +23,9 @@ from fedelta.assets import GGUF_MODELS, MODELS
 from fedelta.config import RunConfig
 from fedelta.errors import UserError
 from fedelta.gguf_cache import cached_copy
-from fedelta.lora import is_factor, lora_layers, seeded_lora_A
+from fedelta.lora import HEAD_MODULES, is_factor, lora_layers, seeded_lora_A
 from fedelta.tasks import TASK_TYPES
-
-TensorDict = dict[str, torch.Tensor]
-
-HEAD_MODULES = ("classifier", "score")
-"""Names of classification heads (peft's ``modules_to_save`` for SEQ_CLS)."""
-
-
-def is_head(name: str) -> bool:
-    """Whether trainable tensor ``name`` belongs to the classification head (newly
-    initialised, tiny: always trained in full and sent dense)."""
-    return any(part in HEAD_MODULES for part in name.split(".")[:4])
+from fedelta.tensors import TensorDict
 
 
 class ModelNotFoundError(UserError, FileNotFoundError):

@@ -7,12 +7,10 @@ federated client costs the same as a bare peft + torch loop on the same data.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
 import torch
 
 
@@ -31,21 +29,6 @@ class StepHook(Protocol):
 
     def after_step(self, params: Mapping[str, torch.nn.Parameter]) -> None:
         """After the optimizer step."""
-
-
-def seed_everything(seed: int) -> None:
-    """Seed every RNG a training step touches, so a round is reproducible."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def derive_seed(*parts: int) -> int:
-    """A stable seed for (run seed, round, client, ...) that differs for every tuple."""
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + int(part)) % (2**63 - 1)
-    return seed
 
 
 def train(

@@ -11,12 +11,12 @@ from transformers import AutoTokenizer
 
 from fedelta.assets import CHAT_CORPORA
 from fedelta.chat_data import ChatDataError, normalise_chats, read_chatterbot
-from fedelta.compression import SparseTensor
 from fedelta.config import ConfigError, GenerationConfig
 from fedelta.data import DataError, load_client_data, load_corpus, load_site_data
 from fedelta.models import load_tokenizer
 from fedelta.tasks import build_task
 from fedelta.tasks.chat_tokenization import IGNORE, pack, tokenize_chat
+from fedelta.tensors import SparseTensor
 from fedelta.training import train
 
 CHAT = [

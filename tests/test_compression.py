@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedelta.compression import ClientMemory, SparseTensor, UplinkCompression, densify
+from fedelta.compression import ClientMemory, UplinkCompression
 from fedelta.compression.half_finetuning import group_of, selected_tensors
 from fedelta.compression.lift import principal_indices
 from fedelta.compression.masked_training import TrainingMask
@@ -22,6 +22,7 @@ from fedelta.compression.spiel import SpielMask
 from fedelta.compression.wire import INDICES, decode_delta, encode_delta, format_of
 from fedelta.config import CompressionConfig, ConfigError, RunConfig
 from fedelta.strategies.aggregators import Mean
+from fedelta.tensors import SparseTensor, densify
 
 LAYOUT = {
     "m.layer.0.query.lora_A.default.weight": (8, 64),

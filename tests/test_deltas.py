@@ -4,6 +4,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from fedelta import deltas
+from fedelta.errors import InvalidUpdateError
+from fedelta.tensors import layout_of
 
 
 def _state():
@@ -17,7 +19,7 @@ def _state():
 
 def test_encode_decode_round_trip_is_exact():
     state = _state()
-    decoded = deltas.decode(deltas.encode(state), deltas.layout_of(state))
+    decoded = deltas.decode(deltas.encode(state), layout_of(state))
     assert list(decoded) == list(state)
     for name in state:
         assert torch.equal(decoded[name], state[name])
@@ -58,13 +60,13 @@ def test_decode_rejects_malformed_updates_with_a_reason(mutate, reason):
     state = _state()
     record: ArrayRecord = deltas.encode(state)
     mutate(record)
-    with pytest.raises(deltas.InvalidUpdateError) as err:
-        deltas.decode(record, deltas.layout_of(state))
+    with pytest.raises(InvalidUpdateError) as err:
+        deltas.decode(record, layout_of(state))
     assert reason in str(err.value)
 
 
 def test_decode_rejects_corrupt_bytes():
     record = ArrayRecord()
     record["x"] = Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"garbage")
-    with pytest.raises(deltas.InvalidUpdateError, match="tensor 'x' cannot be decoded"):
+    with pytest.raises(InvalidUpdateError, match="tensor 'x' cannot be decoded"):
         deltas.decode(record, {"x": (2,)})

@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_public_key,
 )
 
-from fedelta import deployment
 from fedelta.cli import main
-from fedelta.privacy.certs import CertificateError, generate_certs, site_names
+from fedelta.deployment import commands as deployment
+from fedelta.deployment.certs import CertificateError, generate_certs, site_names
 from fedelta.protocol import NodeConfigError, Site
 
 ROOT = Path(__file__).resolve().parents[1]

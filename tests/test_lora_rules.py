@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from fedelta.compression.sparse import SparseTensor
 from fedelta.lora import A_SUFFIX, B_SUFFIX, FOLD_PREFIX, RankScaling, seeded_lora_A
+from fedelta.seeding import derive_seed
 from fedelta.strategies.aggregators.mean import Mean
 from fedelta.strategies.base import EmptyRoundError
 from fedelta.strategies.lora import (
@@ -25,7 +25,7 @@ from fedelta.strategies.lora import (
     LoraAggregation,
     NaiveLora,
 )
-from fedelta.training import derive_seed
+from fedelta.tensors import SparseTensor
 
 M = "layer.q"
 A, B = M + A_SUFFIX, M + B_SUFFIX

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedelta.compression.quantization import Fp16, Fp32, Int8, build_codec
-from fedelta.compression.sparse import SparseTensor, count_for, densify, index_dtype
+from fedelta.compression.sparse import count_for, index_dtype
 from fedelta.lora import (
     A_SUFFIX,
     B_SUFFIX,
@@ -28,6 +28,7 @@ from fedelta.lora import (
     svd_factors,
     truncated_svd,
 )
+from fedelta.tensors import SparseTensor, densify
 
 
 def _low_rank(out_features: int, in_features: int, singular: list[float], seed: int = 0):

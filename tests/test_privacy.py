@@ -23,12 +23,11 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from fedelta.client import app as client_app
 from fedelta.client.trainer import ClientTrainer
-from fedelta.compression.sparse import densify
 from fedelta.config import ConfigError, PrivacyConfig, RunConfig, load_config
 from fedelta.data import load_client_data
 from fedelta.models import adapter_state
 from fedelta.privacy.accounting import PrivacyAccountant, PrivacyBudgetError
-from fedelta.privacy.client_level import ClientLevelDP, add_noise_share
+from fedelta.privacy.client_level import add_noise_share
 from fedelta.privacy.dp_sgd import DPTrainingError, train_private
 from fedelta.privacy.noise import noise_generator
 from fedelta.protocol import Site
@@ -36,7 +35,9 @@ from fedelta.server.checkpoint import load_checkpoint
 from fedelta.server.federation import Federation
 from fedelta.simulations import simulate
 from fedelta.strategies import DeltaStrategy, build_strategy
+from fedelta.strategies.aggregators.client_dp import ClientLevelDP
 from fedelta.strategies.base import EmptyRoundError
+from fedelta.tensors import densify
 
 DELTA = 1e-5
 

@@ -13,7 +13,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 from inprocess_grid import Transport
 
-from fedelta import deltas, protocol
+from fedelta import protocol
 from fedelta.compression import UplinkCompression
 from fedelta.config import RunConfig
 from fedelta.lora import A_SUFFIX, B_SUFFIX, rank_layout
@@ -22,6 +22,7 @@ from fedelta.server.evaluation import CentralEvaluator
 from fedelta.server.federation import Federation
 from fedelta.server.metrics import MetricsLog
 from fedelta.strategies import build_strategy
+from fedelta.tensors import layout_of
 
 pytestmark = pytest.mark.training
 
@@ -185,7 +186,7 @@ def test_naive_rule_with_per_site_ranks_averages_the_zero_padded_factors(loop_co
     wire = UplinkCompression(config.compression, config.seed)
     for site, content in replies.items():
         # Decoded as the server decodes a rank-r upload (the wire packs all tensors).
-        layout = rank_layout(deltas.layout_of(initial), ranks[site])
+        layout = rank_layout(layout_of(initial), ranks[site])
         delta = wire.decode(content.array_records[protocol.DELTA], layout, 1)
         a_shapes = {v.shape[0] for k, v in delta.items() if k.endswith(A_SUFFIX)}
         assert a_shapes == {ranks[site]}  # each site trains and sends its own rank

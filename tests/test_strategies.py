@@ -22,11 +22,10 @@ from fedelta.strategies.aggregators import (
     MergeAggregator,
     MultiKrum,
     TrimmedMean,
-    clip_to_norm,
-    global_norm,
 )
 from fedelta.strategies.lora import NaiveLora
 from fedelta.strategies.optimizers import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from fedelta.tensors import clip_to_norm, global_norm
 
 
 def plain(optimizer=None, aggregator=None, clip_norm=0.0) -> DeltaStrategy:
@@ -585,7 +584,7 @@ def test_merge_aggregation_names_the_strategy_and_refuses_unknown_methods() -> N
 def test_norm_bounding_of_sparse_updates_and_at_the_bound() -> None:
     """A sparse update's norm is that of its kept entries; it stays sparse when scaled. An
     update exactly at the bound is not counted as clipped."""
-    from fedelta.compression.sparse import SparseTensor
+    from fedelta.tensors import SparseTensor
 
     sparse = SparseTensor(torch.tensor([1, 4]), torch.tensor([3.0, 4.0]), (2, 3))
     update = {"s": sparse, "d": torch.tensor([12.0])}

@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedelta import protocol
-from fedelta.compression import ClientMemory, SparseTensor, UplinkCompression, densify
+from fedelta.compression import ClientMemory, UplinkCompression
 from fedelta.config import CompressionConfig
-from fedelta.deltas import InvalidUpdateError
+from fedelta.errors import InvalidUpdateError
 from fedelta.server.validation import ReplyMetrics, read_update
+from fedelta.tensors import SparseTensor, densify
 
 LAYOUT = {"encoder.lora_A": (2, 3), "encoder.lora_B": (3, 2), "head.bias": (4,)}
 COMPRESSIONS = [

@@ -15,7 +15,6 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from fedelta import protocol
-from fedelta.compression import SparseTensor
 from fedelta.compression.quantization import Codec, Fp32, Int8
 from fedelta.compression.wire import (
     INDICES,
@@ -26,8 +25,9 @@ from fedelta.compression.wire import (
     encode_delta,
     format_of,
 )
-from fedelta.deltas import InvalidUpdateError
+from fedelta.errors import InvalidUpdateError
 from fedelta.server.validation import ReplyMetrics, read_metrics
+from fedelta.tensors import SparseTensor
 
 Delta = dict[str, torch.Tensor | SparseTensor]
 

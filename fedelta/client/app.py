@@ -10,10 +10,10 @@ from flwr.clientapp import ClientApp
 from fedelta import deltas, protocol
 from fedelta.client.trainer import ClientTrainer
 from fedelta.compression import ClientMemory
-from fedelta.models import TensorDict
 from fedelta.privacy.accounting import PrivacyAccountant, PrivacyBudgetError
 from fedelta.privacy.secure_aggregation import masked_upload, secure_aggregation_mod
 from fedelta.protocol import Site
+from fedelta.tensors import TensorDict
 
 app = ClientApp(mods=[secure_aggregation_mod])
 

@@ -26,22 +26,18 @@ from fedelta.compression import ClientMemory, UplinkCompression
 from fedelta.config import RunConfig
 from fedelta.data import ClientData, cycle, label_names, load_client_data, load_site_data
 from fedelta.lora import B_SUFFIX, rank_layout
-from fedelta.models import (
-    ModelSpec,
-    TensorDict,
-    adapter_layout,
-    adapter_state,
-    cached_model,
-)
+from fedelta.models import ModelSpec, adapter_layout, adapter_state, cached_model
 from fedelta.privacy.accounting import PrivacyAccountant
 from fedelta.privacy.client_level import NOISE_MULTIPLIER, SAMPLED, add_noise_share
 from fedelta.privacy.dp_sgd import PrivateRound, train_private
 from fedelta.privacy.noise import noise_generator
 from fedelta.protocol import Site
+from fedelta.seeding import derive_seed, seed_everything
 from fedelta.strategies import build_lora_aggregation
 from fedelta.strategies.optimizers import PROXIMAL_MU
 from fedelta.tasks import EvalResult, build_task
-from fedelta.training import TrainResult, derive_seed, seed_everything, steps_for, train
+from fedelta.tensors import TensorDict
+from fedelta.training import TrainResult, steps_for, train
 
 
 @dataclass(frozen=True)

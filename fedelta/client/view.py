@@ -21,8 +21,9 @@ from fedelta.lora import (
     decode_fold,
     seeded_lora_A,
 )
-from fedelta.models import TensorDict, adapter_layout, load_adapter_state
+from fedelta.models import adapter_layout, load_adapter_state
 from fedelta.strategies.lora import LoraAggregation
+from fedelta.tensors import TensorDict
 
 
 def load_client_view(

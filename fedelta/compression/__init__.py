@@ -6,7 +6,6 @@ feedback each have their own module.
 """
 
 from fedelta.compression.quantization import CODECS, Codec, build_codec
-from fedelta.compression.sparse import Delta, SparseTensor, densify
 from fedelta.compression.uplink import SPARSITY, ClientMemory, UplinkCompression
 
 __all__ = [
@@ -14,9 +13,6 @@ __all__ = [
     "SPARSITY",
     "ClientMemory",
     "Codec",
-    "Delta",
-    "SparseTensor",
     "UplinkCompression",
     "build_codec",
-    "densify",
 ]

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-TensorDict = dict[str, torch.Tensor]
+from fedelta.tensors import TensorDict
 
 
 def corrected(

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from fedelta.models import is_head
-from fedelta.training import derive_seed
+from fedelta.lora import is_head
+from fedelta.seeding import derive_seed
 
 
 def group_of(name: str) -> str | None:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-TensorDict = dict[str, torch.Tensor]
+from fedelta.tensors import TensorDict
 
 
 class TrainingMask:

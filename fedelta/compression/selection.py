@@ -14,7 +14,7 @@ import zlib
 import torch
 
 from fedelta.compression.sparse import count_for
-from fedelta.training import derive_seed
+from fedelta.seeding import derive_seed
 
 
 def top_k_indices(tensor: torch.Tensor, density: float) -> torch.Tensor:

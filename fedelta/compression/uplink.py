@@ -33,14 +33,13 @@ from fedelta.compression.lift import lift_indices
 from fedelta.compression.masked_training import TrainingMask
 from fedelta.compression.quantization import build_codec
 from fedelta.compression.selection import seeded_mask_indices, top_k_indices
-from fedelta.compression.sparse import Delta, SparseTensor, count_for, densify
+from fedelta.compression.sparse import count_for
 from fedelta.compression.spiel import SpielMask, initial_indices
 from fedelta.compression.wire import TensorFormat, decode_delta, encode_delta, format_of
 from fedelta.config import CompressionConfig
-from fedelta.models import is_head
-from fedelta.training import derive_seed
-
-TensorDict = dict[str, torch.Tensor]
+from fedelta.lora import is_head
+from fedelta.seeding import derive_seed
+from fedelta.tensors import Delta, SparseTensor, TensorDict, densify
 
 SPARSITY = ("none", "top-k", "random-mask", "spiel", "lift")
 TRAINING_MASKS = ("spiel", "lift")

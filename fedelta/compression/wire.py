@@ -11,7 +11,7 @@ tensor) and, for int8 codecs, one ``scales`` array. Segment lengths follow from
 the run's layout and density, which the server knows; :func:`decode_delta`
 checks every array and every segment (dtype, length, index range and order,
 scales, finite values) before anything is aggregated, and raises
-:class:`~fedelta.deltas.InvalidUpdateError` naming the tensor otherwise.
+:class:`~fedelta.errors.InvalidUpdateError` naming the tensor otherwise.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from fedelta.compression.quantization import Codec
-from fedelta.compression.sparse import SparseTensor, index_dtype
-from fedelta.deltas import InvalidUpdateError
+from fedelta.compression.sparse import index_dtype
+from fedelta.errors import InvalidUpdateError
+from fedelta.tensors import SparseTensor
 
 VALUES = "values"
 INDICES = "indices"

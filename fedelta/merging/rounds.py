@@ -27,11 +27,10 @@ from fedelta.config import ExportConfig
 from fedelta.lora import A_SUFFIX
 from fedelta.merging.layers import LayerScheme, lines_scales, scheme_for
 from fedelta.merging.operators import MERGE_METHODS, merge_tensors
-from fedelta.training import derive_seed
+from fedelta.seeding import derive_seed
+from fedelta.tensors import TensorDict
 
 ROUND_STATES_DIR = "round-states"
-
-TensorDict = dict[str, torch.Tensor]
 
 
 class RoundStates:

@@ -36,7 +36,7 @@ from fedelta.merging.task_vectors import (
     read_info,
     save_model_folder,
 )
-from fedelta.training import derive_seed
+from fedelta.seeding import derive_seed
 
 LORA_MODES = ("product", "factors")
 

@@ -32,8 +32,9 @@ from fedelta.data import cycle
 from fedelta.privacy.accounting import PrivacyAccountant, PrivacyBudgetError, noise_for_epsilon
 from fedelta.privacy.noise import noise_generator
 from fedelta.protocol import BUDGET_SPENT
+from fedelta.seeding import seed_everything
 from fedelta.tasks import Task
-from fedelta.training import TrainResult, seed_everything
+from fedelta.training import TrainResult
 
 
 class DPTrainingError(RuntimeError):

@@ -12,7 +12,7 @@ import secrets
 
 import torch
 
-from fedelta.training import derive_seed
+from fedelta.seeding import derive_seed
 
 
 def noise_generator(seeded: bool, *seed_parts: int) -> torch.Generator:

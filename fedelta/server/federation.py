@@ -27,7 +27,7 @@ from fedelta import deltas, protocol
 from fedelta.compression import UplinkCompression
 from fedelta.config import RUN_CONFIG_FILE, ConfigError, RunConfig, load_config
 from fedelta.data import label_names, load_corpus
-from fedelta.errors import UserError
+from fedelta.errors import InvalidUpdateError, UserError
 from fedelta.merging.rounds import RoundStates, merged_export
 from fedelta.privacy.accounting import PrivacyAccountant
 from fedelta.privacy.secure_aggregation import SecAggPlus, SecureAggregationError
@@ -42,6 +42,7 @@ from fedelta.server.sampling import sample_sites
 from fedelta.server.validation import ReplyMetrics, read_metrics, read_update
 from fedelta.strategies import EmptyRoundError, Strategy, build_strategy
 from fedelta.tasks import EvalResult, build_task
+from fedelta.tensors import layout_of
 
 log = logging.getLogger("fedelta")
 
@@ -112,7 +113,7 @@ class Federation:
         self._prepare_run_dir()
         evaluator = CentralEvaluator(self.config)
         global_state, rng, done = self._start(evaluator)
-        layout = {k: v for k, v in deltas.layout_of(global_state).items() if k in evaluator.layout}
+        layout = {k: v for k, v in layout_of(global_state).items() if k in evaluator.layout}
         bar = tqdm(
             total=self.config.num_server_rounds,
             initial=done,
@@ -409,7 +410,7 @@ class Federation:
                         server_round,
                         self.config.max_update_norm,
                     )
-                except deltas.InvalidUpdateError as err:
+                except InvalidUpdateError as err:
                     replies.fail(site, f"{REJECTED}: {err}")
                     replies.rejected += 1
                     continue
@@ -495,7 +496,7 @@ class Federation:
         for node_id in sorted(outcome.contributors):
             try:
                 metrics = read_metrics(outcome.replies[node_id].content)
-            except deltas.InvalidUpdateError as err:
+            except InvalidUpdateError as err:
                 # Its upload is already in the sum: the round cannot leave it out.
                 log.warning(
                     "round %d: %s sent invalid metrics: %s", server_round, site_of[node_id], err
@@ -506,7 +507,7 @@ class Federation:
             return
         try:
             mean = self.compression.decode(outcome.mean, uplink, server_round)
-        except deltas.InvalidUpdateError as err:
+        except InvalidUpdateError as err:
             for site, _ in counted:
                 replies.fail(site, f"{REJECTED} (the secure sum): {err}")
             replies.rejected += len(counted)

@@ -2,7 +2,7 @@
 
 A site the server does not control can send garbage (a bug, a bad disk) or an
 attack. Every reply is checked here, in full, and either yields a usable
-:class:`Update` or raises :class:`~fedelta.deltas.InvalidUpdateError` with a
+:class:`Update` or raises :class:`~fedelta.errors.InvalidUpdateError` with a
 reason the round's metrics record under the site's name. Nothing is unpickled:
 tensors are ``.npy`` bytes read with ``allow_pickle=False``.
 """
@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 from flwr.app import RecordDict
 
-from fedelta import deltas, protocol
-from fedelta.compression import Delta, UplinkCompression
-from fedelta.strategies.aggregators.norm_bound import global_norm
+from fedelta import protocol
+from fedelta.compression import UplinkCompression
+from fedelta.errors import InvalidUpdateError
+from fedelta.tensors import Delta, global_norm
 
 
 @dataclass(frozen=True)
@@ -45,20 +46,18 @@ def read_metrics(content: RecordDict) -> ReplyMetrics:
     """Example count, train loss and (under DP-SGD) epsilon of a training reply."""
     metrics = content.metric_records.get(protocol.METRICS)
     if metrics is None:
-        raise deltas.InvalidUpdateError(f"reply has no '{protocol.METRICS}' record")
+        raise InvalidUpdateError(f"reply has no '{protocol.METRICS}' record")
     num_examples = metrics.get(protocol.NUM_EXAMPLES)
     if type(num_examples) is not int or num_examples <= 0:  # bool is an int subclass
-        raise deltas.InvalidUpdateError(
+        raise InvalidUpdateError(
             f"{protocol.NUM_EXAMPLES} must be a positive integer, got {num_examples!r}"
         )
     loss = metrics.get(protocol.TRAIN_LOSS)
     if type(loss) not in (int, float) or not math.isfinite(loss):
-        raise deltas.InvalidUpdateError(
-            f"{protocol.TRAIN_LOSS} must be a finite number, got {loss!r}"
-        )
+        raise InvalidUpdateError(f"{protocol.TRAIN_LOSS} must be a finite number, got {loss!r}")
     epsilon = metrics.get(protocol.DP_EPSILON)
     if epsilon is not None and (type(epsilon) not in (int, float) or not epsilon >= 0):
-        raise deltas.InvalidUpdateError(
+        raise InvalidUpdateError(
             f"{protocol.DP_EPSILON} must be a non-negative number, got {epsilon!r}"
         )
     if epsilon is None:
@@ -73,7 +72,7 @@ def read_metrics(content: RecordDict) -> ReplyMetrics:
         and type(steps) is int
         and steps > 0
     ):
-        raise deltas.InvalidUpdateError(
+        raise InvalidUpdateError(
             f"a DP-SGD reply needs {protocol.DP_NOISE} > 0, {protocol.DP_RATE} in (0, 1] and "
             f"{protocol.TRAIN_STEPS} > 0, got {noise!r}, {rate!r}, {steps!r}"
         )
@@ -94,13 +93,11 @@ def read_update(
     when ``max_norm > 0``, rejected if its L2 norm exceeds it (unlike
     ``strategy.clip-norm``, which scales it down)."""
     if protocol.DELTA not in content.array_records:
-        raise deltas.InvalidUpdateError(f"reply has no '{protocol.DELTA}' record")
+        raise InvalidUpdateError(f"reply has no '{protocol.DELTA}' record")
     metrics = read_metrics(content)
     delta = compression.decode(content.array_records[protocol.DELTA], layout, server_round)
     if max_norm > 0:
         norm = global_norm(delta)
         if norm > max_norm:
-            raise deltas.InvalidUpdateError(
-                f"update norm {norm:.4g} exceeds max-update-norm {max_norm:g}"
-            )
+            raise InvalidUpdateError(f"update norm {norm:.4g} exceeds max-update-norm {max_norm:g}")
     return Update(delta, metrics)

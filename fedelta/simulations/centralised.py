@@ -17,9 +17,10 @@ import torch
 from fedelta.config import RunConfig
 from fedelta.data import cycle, load_corpus
 from fedelta.models import ModelSpec, build_model, load_tokenizer
+from fedelta.seeding import seed_everything
 from fedelta.server.sampling import sample_size
 from fedelta.tasks import build_task
-from fedelta.training import seed_everything, train
+from fedelta.training import train
 
 
 def federated_step_budget(config: RunConfig) -> int:

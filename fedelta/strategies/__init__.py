@@ -50,7 +50,7 @@ def build_aggregator(config: RunConfig) -> Aggregator:
     """The combination rule ``strategy.robust`` selects."""
     s = config.strategy
     if config.privacy.client_dp != "none":
-        from fedelta.privacy.client_level import ClientLevelDP
+        from fedelta.strategies.aggregators.client_dp import ClientLevelDP
 
         return ClientLevelDP(config.privacy, config.num_server_rounds, config.seed)
     if s.robust in AGGREGATION_MERGES:

@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-TensorDict = dict[str, torch.Tensor]
-Layout = Mapping[str, tuple[int, ...]]
+from fedelta.tensors import Layout, TensorDict
 
 
 class EmptyRoundError(RuntimeError):

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from fedelta.compression.sparse import Delta, densify
 from fedelta.lora import rank_layout
-from fedelta.strategies.aggregators import Aggregator, Mean, clip_to_norm
-from fedelta.strategies.base import Capabilities, EmptyRoundError, Layout, Strategy, TensorDict
+from fedelta.strategies.aggregators import Aggregator, Mean
+from fedelta.strategies.base import Capabilities, EmptyRoundError, Strategy
 from fedelta.strategies.lora import LoraAggregation
 from fedelta.strategies.optimizers import FedAvg, ServerOptimizer
+from fedelta.tensors import Delta, Layout, TensorDict, clip_to_norm, densify
 
 
 class DeltaStrategy(Strategy):

@@ -5,7 +5,6 @@ from fedelta.strategies.aggregators.krum import Krum, MultiKrum
 from fedelta.strategies.aggregators.mean import Mean
 from fedelta.strategies.aggregators.median import Median
 from fedelta.strategies.aggregators.merge import MergeAggregator
-from fedelta.strategies.aggregators.norm_bound import clip_to_norm, global_norm
 from fedelta.strategies.aggregators.trimmed_mean import TrimmedMean
 
 AGGREGATORS: dict[str, type[Aggregator]] = {
@@ -22,6 +21,4 @@ __all__ = [
     "MergeAggregator",
     "MultiKrum",
     "TrimmedMean",
-    "clip_to_norm",
-    "global_norm",
 ]

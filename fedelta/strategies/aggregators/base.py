@@ -15,8 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from fedelta.strategies.base import EmptyRoundError
-
-TensorDict = dict[str, torch.Tensor]
+from fedelta.tensors import TensorDict
 
 
 class Aggregator(ABC):

@@ -19,9 +19,9 @@ from collections.abc import Mapping
 
 import torch
 
-from fedelta.compression.sparse import SparseTensor
-from fedelta.strategies.aggregators.base import Aggregator, TensorDict
+from fedelta.strategies.aggregators.base import Aggregator
 from fedelta.strategies.base import EmptyRoundError
+from fedelta.tensors import SparseTensor, TensorDict
 
 WEIGHTINGS = ("all", "senders")
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fedelta.strategies.aggregators.base import BufferedAggregator, TensorDict
+from fedelta.strategies.aggregators.base import BufferedAggregator
+from fedelta.tensors import TensorDict
 
 
 class Median(BufferedAggregator):

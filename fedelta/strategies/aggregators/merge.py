@@ -23,8 +23,9 @@ from __future__ import annotations
 import hashlib
 
 from fedelta.merging.operators import MERGE_METHODS, merge_tensors
-from fedelta.strategies.aggregators.base import BufferedAggregator, TensorDict
-from fedelta.training import derive_seed
+from fedelta.seeding import derive_seed
+from fedelta.strategies.aggregators.base import BufferedAggregator
+from fedelta.tensors import TensorDict
 
 
 class MergeAggregator(BufferedAggregator):

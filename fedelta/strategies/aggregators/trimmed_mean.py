@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from fedelta.strategies.aggregators.base import BufferedAggregator, TensorDict
+from fedelta.strategies.aggregators.base import BufferedAggregator
+from fedelta.tensors import TensorDict
 
 
 class TrimmedMean(BufferedAggregator):

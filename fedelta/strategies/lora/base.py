@@ -26,8 +26,7 @@ from fedelta.lora import (
     product,
     svd_factors,
 )
-
-TensorDict = dict[str, torch.Tensor]
+from fedelta.tensors import TensorDict
 
 
 class LoraAggregation:

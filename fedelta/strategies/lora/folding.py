@@ -35,9 +35,9 @@ from fedelta.lora import (
     product,
     seeded_lora_A,
 )
+from fedelta.seeding import derive_seed
 from fedelta.strategies.aggregators.mean import Mean
 from fedelta.strategies.lora.base import LoraAggregation, TensorDict
-from fedelta.training import derive_seed
 
 TOTAL_PREFIX = "total/"
 """Optimizer-space keys: the effective update ``W - W0`` of one module."""

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-TensorDict = dict[str, torch.Tensor]
+from fedelta.tensors import TensorDict
 
 
 class ServerOptimizer(ABC):

@@ -22,8 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedelta.errors import UserError
-from fedelta.privacy.certs import (
+from fedelta.deployment.certs import (
     CA_CERT,
     RUNTIME_CERT,
     RUNTIME_KEY,
@@ -33,6 +32,7 @@ from fedelta.privacy.certs import (
     SUPERNODE_PUBLIC_KEY,
     SUPERNODES_DIR,
 )
+from fedelta.errors import UserError
 from fedelta.protocol import DATA_PATH, LORA_RANK, NUM_PARTITIONS, PARTITION_ID, SITE_NAME
 
 log = logging.getLogger("fedelta")
