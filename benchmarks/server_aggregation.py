@@ -46,17 +46,17 @@ def measure(name: str, clients: int) -> dict:
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
     from fedelta import protocol
+    from fedelta.build import build_strategy, model_spec
     from fedelta.compression import ClientMemory, UplinkCompression
     from fedelta.config import RunConfig
     from fedelta.lora import FOLD_PREFIX
-    from fedelta.models import ModelSpec, cached_model
+    from fedelta.models import cached_model
     from fedelta.server.validation import read_update
     from fedelta.simulations.simulate import PeakMemory
-    from fedelta.strategies import build_strategy
 
     overrides = CASES[name]
     config = RunConfig().replace(**(overrides or {}))
-    built = cached_model(ModelSpec.from_config(config, 2))
+    built = cached_model(model_spec(config, 2))
     strategy = build_strategy(config)
     global_state = strategy.initial_state(built.initial_state)
     layout = strategy.uplink_layout(

@@ -25,7 +25,7 @@ DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
 
 VARIANTS = {
     "fedavg": {},
-    "fedadam": {"strategy.name": "fedadam"},  # server Adam, server-lr 0.01
+    "fedadam": {"strategy.optimizer": "fedadam"},  # server Adam, server-lr 0.01
     "ffa-lora": {"strategy.lora": "ffa"},
     "top5-int8": {
         "compression.sparsity": "top-k",

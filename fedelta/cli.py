@@ -359,7 +359,7 @@ def _strategies(args: argparse.Namespace) -> int:
     print(
         "\nA combined strategy has a property only if its LoRA rule and its combination "
         "rule both do;\nserver-side norm bounding (strategy.clip-norm) rules out secure "
-        f"aggregation.\nServer optimizers (strategy.name): {', '.join(OPTIMIZERS)}; "
+        f"aggregation.\nServer optimizers (strategy.optimizer): {', '.join(OPTIMIZERS)}; "
         "they step the combined update and change none of the above."
     )
     return 0

@@ -44,6 +44,9 @@ from fedelta.errors import UserError
 TEXT, LABEL = "text", "label"
 """Column names every loaded corpus is normalised to."""
 
+PARTITIONERS = ("iid", "dirichlet", "topic")
+"""What ``data.partitioner`` may name: flwr-datasets' IID, Dirichlet (label skew) and
+grouped natural-id (whole chat topics per site) partitioners."""
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _COMPRESSION = (".bz2", ".gz", ".xz", ".zst")
 

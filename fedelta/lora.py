@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from peft.tuners.lora import LoraLayer
 
+from fedelta.config import LoraSettings
 from fedelta.seeding import derive_seed
 from fedelta.tensors import TensorDict
 
@@ -37,15 +38,6 @@ B_SUFFIX = ".lora_B.default.weight"
 FOLD_PREFIX = "fold/"
 """Global-state keys holding a module's base-weight correction ``C`` (server side)."""
 _PRISTINE = "_fedelta_pristine_base"
-
-HEAD_MODULES = ("classifier", "score")
-"""Names of classification heads (peft's ``modules_to_save`` for SEQ_CLS)."""
-
-
-def is_head(name: str) -> bool:
-    """Whether trainable tensor ``name`` belongs to the classification head (newly
-    initialised, tiny: always trained in full and sent dense)."""
-    return any(part in HEAD_MODULES for part in name.split(".")[:4])
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
@@ -60,6 +52,11 @@ class RankScaling:
     global_rank: int
     alpha: float
     rslora: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: LoraSettings) -> RankScaling:
+        """The scaling of a run's ``[lora]`` table."""
+        return cls(settings.r, settings.alpha, settings.use_rslora)
 
     def scale(self, rank: int | None = None) -> float:
         """``scale(rank)``; the global rank's scale when ``rank`` is None."""

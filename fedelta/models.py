@@ -20,12 +20,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from fedelta.assets import GGUF_MODELS, MODELS
-from fedelta.config import RunConfig
 from fedelta.errors import UserError
 from fedelta.gguf_cache import cached_copy
-from fedelta.lora import HEAD_MODULES, is_factor, lora_layers, seeded_lora_A
-from fedelta.tasks import TASK_TYPES
-from fedelta.tensors import TensorDict
+from fedelta.lora import is_factor, lora_layers, seeded_lora_A
+from fedelta.tasks import TASKS
+from fedelta.tensors import HEAD_MODULES, TensorDict
 
 
 class ModelNotFoundError(UserError, FileNotFoundError):
@@ -54,27 +53,6 @@ class ModelSpec:
     """``lora``: adapters on ``target_modules``; ``full``: those modules' own weights."""
     task: str = "classification"
 
-    @classmethod
-    def from_config(cls, config: RunConfig, num_labels: int, rank: int | None = None) -> ModelSpec:
-        """The model a run config asks for, with a head of ``num_labels`` outputs and
-        LoRA rank ``rank`` (default ``lora.r``, the global rank)."""
-        from fedelta.strategies import LORA_AGGREGATIONS  # local: strategies import models
-
-        return cls(
-            name=config.model.name,
-            num_labels=num_labels,
-            lora_r=rank or config.lora.r,
-            lora_alpha=config.lora.alpha,
-            lora_dropout=config.lora.dropout,
-            target_modules=tuple(config.lora.target_module_list()),
-            seed=config.seed,
-            global_rank=config.lora.r,
-            use_rslora=config.lora.use_rslora,
-            freeze_lora_a=LORA_AGGREGATIONS[config.strategy.lora].freezes_a,
-            finetuning=config.model.finetuning,
-            task=config.model.task,
-        )
-
 
 def resolve_model_path(name: str) -> str:
     """Map ``model.name`` to something ``from_pretrained`` loads without a network."""
@@ -100,7 +78,7 @@ def load_base_model(name: str, num_labels: int, task: str = "classification") ->
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     try:
-        return TASK_TYPES[task].load_pretrained(path, num_labels)
+        return TASKS[task].load_pretrained(path, num_labels)
     except OSError as err:
         raise ModelNotFoundError(
             f"cannot load model '{name}': {err}. Use a built-in alias "
@@ -111,9 +89,7 @@ def load_base_model(name: str, num_labels: int, task: str = "classification") ->
 
 def load_tokenizer(name: str, task: str = "classification") -> PreTrainedTokenizerBase:
     """The model's tokenizer, with what ``task`` needs filled in (chat template, pad)."""
-    return TASK_TYPES[task].prepare_tokenizer(
-        AutoTokenizer.from_pretrained(resolve_model_path(name))
-    )
+    return TASKS[task].prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_model_path(name)))
 
 
 def build_model(spec: ModelSpec) -> torch.nn.Module:
@@ -125,7 +101,7 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
     if spec.finetuning == "full":
         return _full_finetuning(base, spec)
     lora = LoraConfig(
-        task_type=TASK_TYPES[spec.task].peft_task_type,
+        task_type=TASKS[spec.task].peft_task_type,
         r=spec.lora_r,
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.lora_dropout,

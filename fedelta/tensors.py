@@ -1,4 +1,4 @@
-"""The tensor vocabulary every layer shares: named tensors, layouts, sparse deltas, norms.
+"""The tensor vocabulary every layer shares: named tensors, the head, layouts, sparse deltas, norms.
 
 A model's trainable state travels as a mapping from parameter name to tensor. A
 client's delta may hold :class:`SparseTensor` entries (flat indices and values)
@@ -19,6 +19,16 @@ TensorDict = dict[str, torch.Tensor]
 """Tensors by parameter name."""
 Layout = Mapping[str, tuple[int, ...]]
 """Expected tensor names and shapes."""
+
+
+HEAD_MODULES = ("classifier", "score")
+"""Names of classification heads (peft's ``modules_to_save`` for SEQ_CLS)."""
+
+
+def is_head(name: str) -> bool:
+    """Whether trainable tensor ``name`` belongs to the classification head (newly
+    initialised, tiny: always trained in full and sent dense)."""
+    return any(part in HEAD_MODULES for part in name.split(".")[:4])
 
 
 def layout_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from fedelta.assets import CHAT_CORPORA
 from fedelta.chat_data import ChatDataError, normalise_chats, read_chatterbot
+from fedelta.compatibility import check_config
 from fedelta.config import ConfigError, GenerationConfig
 from fedelta.data import DataError, load_client_data, load_corpus, load_site_data
 from fedelta.models import load_tokenizer
@@ -175,7 +176,7 @@ def test_report_prompts_are_distinct_held_out_questions_across_topics(chat_confi
 )
 def test_bad_task_settings_stop_before_training(chat_config, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        chat_config.replace(**overrides)
+        check_config(chat_config.replace(**overrides))
 
 
 def test_a_task_refuses_the_other_tasks_data(chat_config):

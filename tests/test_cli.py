@@ -90,7 +90,7 @@ def test_strategies_matrix_is_printed_and_matches_the_readme(capsys):
         rules[("strategy.lora", "ffa")]["linear"]
         and not rules[("strategy.lora", "flora")]["linear"]
     )
-    assert not rules[("strategy.robust", "median")]["streaming"]
+    assert not rules[("strategy.aggregator", "median")]["streaming"]
     assert "fedyogi" in data["optimizers"]
     assert cli(["strategies"]) == 0
     assert '| `strategy.lora = "ffa"` | yes | yes |' in capsys.readouterr().out

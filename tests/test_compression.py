@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from fedelta.compatibility import check_config
 from fedelta.compression import ClientMemory, UplinkCompression
 from fedelta.compression.half_finetuning import group_of, selected_tensors
 from fedelta.compression.lift import principal_indices
@@ -320,7 +321,7 @@ def test_half_finetuning_selects_half_of_the_modules_and_always_the_head():
 )
 def test_bad_compression_settings_stop_before_training(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        RunConfig().replace(**overrides)
+        check_config(RunConfig().replace(**overrides))
 
 
 def test_wire_formats_match_what_was_encoded():

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from fedelta.compatibility import check_config
 from fedelta.config import ConfigError, RunConfig, load_config, parse_overrides
 
 if sys.version_info >= (3, 11):
@@ -65,7 +66,7 @@ def test_int_is_accepted_for_float_keys():
             {"data.partitioner": "shards"},
             "config key 'data.partitioner' must be one of iid, dirichlet",
         ),
-        ({"strategy.name": "fedmagic"}, "'strategy.name' must be one of"),
+        ({"strategy.optimizer": "fedmagic"}, "'strategy.optimizer' must be one of"),
         ({"strategy": "fedavg"}, "'strategy' is a section"),
         ({"lora.target-modules": " , "}, "config key 'lora.target-modules' must name a module"),
         ({"max-update-norm": -1.0}, "config key 'max-update-norm' must be >= 0"),
@@ -76,7 +77,7 @@ def test_int_is_accepted_for_float_keys():
 )
 def test_bad_config_names_the_key(flat, message):
     with pytest.raises(ConfigError) as err:
-        RunConfig.from_flat(flat)
+        check_config(RunConfig.from_flat(flat))
     assert message in str(err.value)
 
 
@@ -93,4 +94,4 @@ def test_bad_override_and_missing_file(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("examples/*.toml")))
 def test_every_example_config_loads(path):
-    load_config(path)
+    check_config(load_config(path))

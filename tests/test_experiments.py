@@ -102,7 +102,7 @@ def test_the_example_file_plans_what_the_example_script_runs():
     ]
     arms = {p.arm: p.config for p in from_file}
     assert set(arms) == {"fedavg", "fedadam", "ffa-lora", "top5-int8"}
-    assert arms["fedadam"].strategy.name == "fedadam"
+    assert arms["fedadam"].strategy.optimizer == "fedadam"
     assert arms["ffa-lora"].strategy.lora == "ffa"
     assert arms["top5-int8"].compression.sparsity == "top-k"
 

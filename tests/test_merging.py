@@ -12,11 +12,12 @@ from peft import get_peft_model_state_dict
 from peft.utils import merge_utils
 from safetensors.torch import load_file, save_file
 
+from fedelta.build import build_aggregator
+from fedelta.compatibility import check_config
 from fedelta.config import ExportConfig, RunConfig
 from fedelta.merging import MERGE_METHODS, merge_tensors
 from fedelta.merging.layers import SCHEMES, UnknownLayerError, lines_scales, scheme_for
 from fedelta.merging.rounds import merge_rounds
-from fedelta.strategies import build_aggregator
 
 
 def _inputs(n: int = 3, shape: tuple[int, ...] = (6, 5), seed: int = 0) -> list[torch.Tensor]:
@@ -178,7 +179,9 @@ def test_round_merges():
 # -- merging as aggregation --------------------------------------------------------------
 def test_ties_aggregation_merges_client_updates_and_ignores_arrival_order():
     updates = [{"w": t} for t in _inputs(4)]
-    config = RunConfig().replace(**{"strategy.robust": "dare-ties", "strategy.merge-density": 0.5})
+    config = RunConfig().replace(
+        **{"strategy.aggregator": "dare-ties", "strategy.merge-density": 0.5}
+    )
     results = []
     for order in ([0, 1, 2, 3], [3, 1, 0, 2]):
         aggregator = build_aggregator(config)
@@ -187,7 +190,7 @@ def test_ties_aggregation_merges_client_updates_and_ignores_arrival_order():
             aggregator.add(updates[i], 10.0)
         results.append(aggregator.result()["w"])
     assert torch.equal(results[0], results[1])
-    ties = build_aggregator(RunConfig().replace(**{"strategy.robust": "ties"}))
+    ties = build_aggregator(RunConfig().replace(**{"strategy.aggregator": "ties"}))
     ties.begin(1)
     for u in updates:
         ties.add(u, 5.0)
@@ -198,10 +201,10 @@ def test_ties_aggregation_merges_client_updates_and_ignores_arrival_order():
 def test_merge_aggregation_is_refused_where_it_cannot_apply():
     from fedelta.config import ConfigError
 
-    with pytest.raises(ConfigError, match="strategy.robust' must be one of"):
-        RunConfig().replace(**{"strategy.robust": "task-arithmetic"})
+    with pytest.raises(ConfigError, match="strategy.aggregator' must be one of"):
+        check_config(RunConfig().replace(**{"strategy.aggregator": "task-arithmetic"}))
     with pytest.raises(ConfigError, match="strategy.merge-density' must be in"):
-        RunConfig().replace(**{"strategy.robust": "ties", "strategy.merge-density": 0.0})
+        RunConfig().replace(**{"strategy.aggregator": "ties", "strategy.merge-density": 0.0})
 
 
 # -- saved inputs --------------------------------------------------------------------------
@@ -385,7 +388,7 @@ def test_ties_aggregation_with_a_lines_export_through_flower(tiny_config):
     config = tiny_config.replace(
         **{
             "num-server-rounds": 2,
-            "strategy.robust": "ties",
+            "strategy.aggregator": "ties",
             "strategy.merge-density": 0.5,
             "export.merge": "lines",
         }

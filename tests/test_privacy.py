@@ -21,8 +21,10 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
+from fedelta.build import build_strategy
 from fedelta.client import app as client_app
 from fedelta.client.trainer import ClientTrainer
+from fedelta.compatibility import check_config
 from fedelta.config import ConfigError, PrivacyConfig, RunConfig, load_config
 from fedelta.data import load_client_data
 from fedelta.models import adapter_state
@@ -34,7 +36,7 @@ from fedelta.protocol import Site
 from fedelta.server.checkpoint import load_checkpoint
 from fedelta.server.federation import Federation
 from fedelta.simulations import simulate
-from fedelta.strategies import DeltaStrategy, build_strategy
+from fedelta.strategies import DeltaStrategy
 from fedelta.strategies.aggregators.client_dp import ClientLevelDP
 from fedelta.strategies.base import EmptyRoundError
 from fedelta.tensors import densify
@@ -478,8 +480,8 @@ SECURE = {"privacy.secure-aggregation": True, "min-train-nodes": 3, "min-availab
     ("overrides", "message"),
     [
         ({**SECURE, "strategy.lora": "fedex"}, "is not linear"),
-        ({**SECURE, "strategy.robust": "median"}, "is not linear"),
-        ({**SECURE, "strategy.robust": "ties"}, "is not linear"),
+        ({**SECURE, "strategy.aggregator": "median"}, "is not linear"),
+        ({**SECURE, "strategy.aggregator": "ties"}, "is not linear"),
         ({**SECURE, "strategy.clip-norm": 1.0}, "is not linear"),
         ({**SECURE, "compression.sparsity": "top-k"}, "each client sends different coordinates"),
         ({**SECURE, "compression.quantization": "int8"}, "quantizes uploads itself"),
@@ -492,7 +494,11 @@ SECURE = {"privacy.secure-aggregation": True, "min-train-nodes": 3, "min-availab
         ({"privacy.secure-aggregation": True}, "with two clients each learns"),
         ({"privacy.dp-sgd": True}, "needs privacy.noise-multiplier or privacy.target-epsilon"),
         (
-            {"privacy.dp-sgd": True, "privacy.target-epsilon": 3.0, "strategy.name": "fedprox"},
+            {
+                "privacy.dp-sgd": True,
+                "privacy.target-epsilon": 3.0,
+                "strategy.optimizer": "fedprox",
+            },
             "proximal term",
         ),
         (
@@ -524,24 +530,28 @@ SECURE = {"privacy.secure-aggregation": True, "min-train-nodes": 3, "min-availab
             {
                 "privacy.client-dp": "central",
                 "privacy.client-target-epsilon": 1.0,
-                "strategy.robust": "krum",
+                "strategy.aggregator": "krum",
             },
-            "needs strategy.robust",
+            "needs strategy.aggregator",
         ),
         ({"privacy.delta": 0.0}, "privacy.delta"),
     ],
 )
 def test_privacy_settings_that_cannot_hold_are_refused_before_training(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        RunConfig.from_flat(overrides)
+        check_config(RunConfig.from_flat(overrides))
 
 
 def test_secure_aggregation_takes_linear_strategies():
     for lora in ("naive", "ffa", "fedsa"):
-        RunConfig.from_flat({**SECURE, "strategy.lora": lora, "strategy.name": "fedadam"})
-    RunConfig.from_flat({**SECURE, "compression.sparsity": "random-mask"})
-    RunConfig.from_flat(
-        {**SECURE, "privacy.client-dp": "distributed", "privacy.client-target-epsilon": 3.0}
+        check_config(
+            RunConfig.from_flat({**SECURE, "strategy.lora": lora, "strategy.optimizer": "fedadam"})
+        )
+    check_config(RunConfig.from_flat({**SECURE, "compression.sparsity": "random-mask"}))
+    check_config(
+        RunConfig.from_flat(
+            {**SECURE, "privacy.client-dp": "distributed", "privacy.client-target-epsilon": 3.0}
+        )
     )
 
 

@@ -14,6 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from inprocess_grid import Transport
 
 from fedelta import protocol
+from fedelta.build import build_strategy
 from fedelta.compression import UplinkCompression
 from fedelta.config import RunConfig
 from fedelta.lora import A_SUFFIX, B_SUFFIX, rank_layout
@@ -21,7 +22,6 @@ from fedelta.server.checkpoint import load_checkpoint
 from fedelta.server.evaluation import CentralEvaluator
 from fedelta.server.federation import Federation
 from fedelta.server.metrics import MetricsLog
-from fedelta.strategies import build_strategy
 from fedelta.tensors import layout_of
 
 pytestmark = pytest.mark.training

@@ -7,14 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from fedelta.build import build_aggregator, build_strategy
+from fedelta.compatibility import check_config
 from fedelta.config import ConfigError, RunConfig
 from fedelta.lora import RankScaling
-from fedelta.strategies import (
-    DeltaStrategy,
-    EmptyRoundError,
-    build_aggregator,
-    build_strategy,
-)
+from fedelta.strategies import DeltaStrategy, EmptyRoundError
 from fedelta.strategies.aggregators import (
     Krum,
     Mean,
@@ -227,9 +224,9 @@ def test_mean_rejects_empty_and_non_positive_weights():
 def test_strategy_is_composed_from_the_config_table():
     config = RunConfig().replace(
         **{
-            "strategy.name": "fedyogi",
+            "strategy.optimizer": "fedyogi",
             "strategy.lora": "ffa",
-            "strategy.robust": "trimmed-mean",
+            "strategy.aggregator": "trimmed-mean",
             "strategy.trim-fraction": 0.2,
             "strategy.clip-norm": 2.0,
             "strategy.server-lr": 0.05,
@@ -245,9 +242,9 @@ def test_strategy_is_composed_from_the_config_table():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"strategy.name": "fedsgd"}, "'strategy.name' must be one of"),
+        ({"strategy.optimizer": "fedsgd"}, "'strategy.optimizer' must be one of"),
         ({"strategy.lora": "hetlora"}, "'strategy.lora' must be one of"),
-        ({"strategy.robust": "bulyan"}, "'strategy.robust' must be one of"),
+        ({"strategy.aggregator": "bulyan"}, "'strategy.aggregator' must be one of"),
         ({"strategy.trim-fraction": 0.5}, "'strategy.trim-fraction' must be in"),
         ({"lora.client-ranks": "2,16"}, "outside \\[1, lora.r = 8\\]"),
         ({"lora.client-ranks": "2,x"}, "comma-separated integers"),
@@ -259,7 +256,7 @@ def test_strategy_is_composed_from_the_config_table():
 )
 def test_bad_strategy_config_is_refused_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        RunConfig().replace(**overrides)
+        check_config(RunConfig().replace(**overrides))
 
 
 class _Pull(torch.nn.Module):
@@ -340,7 +337,7 @@ def test_adaptive_optimizer_settings_from_config_drive_the_server_step(name: str
     published rule says; a setting dropped on the way would fall back to its default."""
     settings = {"beta1": 0.5, "beta2": 0.7, "tau": 0.01}
     config = RunConfig().replace(
-        **{"strategy.name": name, "strategy.server-lr": 0.2},
+        **{"strategy.optimizer": name, "strategy.server-lr": 0.2},
         **{f"strategy.{k}": v for k, v in settings.items()},
     )
     expected = reference(name, X0, DELTAS, 0.2, **settings)
@@ -349,7 +346,7 @@ def test_adaptive_optimizer_settings_from_config_drive_the_server_step(name: str
 
 def test_fedavgm_momentum_and_lr_from_config_drive_the_server_step() -> None:
     config = RunConfig().replace(
-        **{"strategy.name": "fedavgm", "strategy.server-lr": 0.7, "strategy.momentum": 0.5}
+        **{"strategy.optimizer": "fedavgm", "strategy.server-lr": 0.7, "strategy.momentum": 0.5}
     )
     expected = reference("fedavgm", X0, DELTAS, 0.7, momentum=0.5)
     np.testing.assert_allclose(trajectory(build_strategy(config)), expected, rtol=1e-5, atol=1e-6)
@@ -358,7 +355,7 @@ def test_fedavgm_momentum_and_lr_from_config_drive_the_server_step() -> None:
 @pytest.mark.parametrize("name", ["fedavg", "fedprox"])
 def test_server_lr_from_config_scales_the_mean_delta(name: str) -> None:
     config = RunConfig().replace(
-        **{"strategy.name": name, "strategy.server-lr": 0.5, "strategy.proximal-mu": 0.3}
+        **{"strategy.optimizer": name, "strategy.server-lr": 0.5, "strategy.proximal-mu": 0.3}
     )
     strategy = build_strategy(config)
     expected = np.array(X0) + 0.5 * np.sum(DELTAS, axis=0)
@@ -384,10 +381,10 @@ def test_fedyogi_keeps_v_when_the_squared_delta_equals_it() -> None:
     "name", ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox"]
 )
 def test_optimizers_built_in_python_default_to_the_config_defaults(name: str) -> None:
-    """``FedAdam()`` in code behaves like ``strategy.name = "fedadam"`` with nothing else set."""
+    """``FedAdam()`` in code behaves like ``strategy.optimizer = "fedadam"`` and nothing else."""
     from fedelta.strategies import OPTIMIZERS
 
-    from_config = build_strategy(RunConfig().replace(**{"strategy.name": name}))
+    from_config = build_strategy(RunConfig().replace(**{"strategy.optimizer": name}))
     in_code = plain(OPTIMIZERS[name]())
     np.testing.assert_array_equal(trajectory(in_code), trajectory(from_config))
     assert in_code.client_config(1) == from_config.client_config(1)
@@ -461,12 +458,12 @@ def test_krum_settings_from_config_change_the_selection() -> None:
         config = RunConfig().replace(**{f"strategy.{k}": v for k, v in overrides.items()})
         return fill(build_aggregator(config))
 
-    assert as_point(built(robust="krum").result()) == (1.0, 0.0)  # f = 1 by default
-    assert as_point(built(robust="krum", byzantine=2).result()) == (0.0, 0.0)
+    assert as_point(built(aggregator="krum").result()) == (1.0, 0.0)  # f = 1 by default
+    assert as_point(built(aggregator="krum", byzantine=2).result()) == (0.0, 0.0)
     # f = 2 scores [1, 1, 2, 1, 32]; keep 2 averages the first two of the tie.
-    multi = built(robust="multi-krum", byzantine=2, **{"krum-keep": 2})
+    multi = built(aggregator="multi-krum", byzantine=2, **{"krum-keep": 2})
     assert as_point(multi.result()) == (0.5, 0.0)
-    default_keep = built(robust="multi-krum", byzantine=2)  # n - f = 3: 0, 1 and 3
+    default_keep = built(aggregator="multi-krum", byzantine=2)  # n - f = 3: 0, 1 and 3
     assert as_point(default_keep.result()) == pytest.approx((2 / 3, 1 / 3))
 
 
@@ -492,7 +489,7 @@ def test_robust_rules_built_in_python_default_to_the_config_defaults() -> None:
         ("krum", Krum()),
         ("multi-krum", MultiKrum()),
     ):
-        config = RunConfig().replace(**{"strategy.robust": robust})
+        config = RunConfig().replace(**{"strategy.aggregator": robust})
         expected = combine(build_aggregator(config), values)
         assert torch.equal(combine(in_code, values), expected), robust
     # trim 0.1 of 10 drops one value at each end.
@@ -556,7 +553,7 @@ def test_dare_drops_depend_on_run_seed_round_and_tensor() -> None:
 
     def run(seed: int, rnd: int) -> dict[str, torch.Tensor]:
         config = RunConfig().replace(
-            **{"seed": seed, "strategy.robust": "dare-linear", "strategy.merge-density": 0.5}
+            **{"seed": seed, "strategy.aggregator": "dare-linear", "strategy.merge-density": 0.5}
         )
         aggregator = build_aggregator(config)
         aggregator.begin(rnd)
@@ -575,7 +572,7 @@ def test_dare_drops_depend_on_run_seed_round_and_tensor() -> None:
 
 
 def test_merge_aggregation_names_the_strategy_and_refuses_unknown_methods() -> None:
-    config = RunConfig().replace(**{"strategy.robust": "ties"})
+    config = RunConfig().replace(**{"strategy.aggregator": "ties"})
     assert build_strategy(config).name == "fedavg+naive+ties"
     with pytest.raises(ValueError, match=r"unknown merge method 'bulyan'; one of \['dare-"):
         MergeAggregator("bulyan", 0.5)

@@ -9,14 +9,10 @@ from typing import Any
 import pytest
 import torch
 
+from fedelta.build import build_strategy
 from fedelta.config import RunConfig
 from fedelta.lora import A_SUFFIX, B_SUFFIX, FOLD_PREFIX, RankScaling, decode_fold
-from fedelta.strategies import (
-    Capabilities,
-    DeltaStrategy,
-    Strategy,
-    build_strategy,
-)
+from fedelta.strategies import Capabilities, DeltaStrategy, Strategy
 from fedelta.strategies.aggregators import Mean
 from fedelta.strategies.lora import NaiveLora
 from fedelta.strategies.optimizers import FedAdam, FedAvgM, FedYogi, ServerOptimizer

@@ -21,19 +21,19 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord
 
+from fedelta.build import build_lora_aggregation, model_spec
 from fedelta.client.view import load_client_view
 from fedelta.compression import ClientMemory, UplinkCompression
 from fedelta.config import RunConfig
 from fedelta.data import ClientData, cycle, label_names, load_client_data, load_site_data
 from fedelta.lora import B_SUFFIX, rank_layout
-from fedelta.models import ModelSpec, adapter_layout, adapter_state, cached_model
+from fedelta.models import adapter_layout, adapter_state, cached_model
 from fedelta.privacy.accounting import PrivacyAccountant
 from fedelta.privacy.client_level import NOISE_MULTIPLIER, SAMPLED, add_noise_share
 from fedelta.privacy.dp_sgd import PrivateRound, train_private
 from fedelta.privacy.noise import noise_generator
 from fedelta.protocol import Site
 from fedelta.seeding import derive_seed, seed_everything
-from fedelta.strategies import build_lora_aggregation
 from fedelta.strategies.optimizers import PROXIMAL_MU
 from fedelta.tasks import EvalResult, build_task
 from fedelta.tensors import TensorDict
@@ -72,7 +72,7 @@ class ClientTrainer:
             )
         self.task.check_data(self.data.train, f"the data of site '{site.name}'")
         num_labels = len(label_names(config.data, config.seed))
-        built = cached_model(ModelSpec.from_config(config, num_labels, self.rank))
+        built = cached_model(model_spec(config, num_labels, self.rank))
         self.model, self.tokenizer = built.model, built.tokenizer
         self.initial_state = built.initial_state
 

@@ -6,11 +6,13 @@ feedback each have their own module.
 """
 
 from fedelta.compression.quantization import CODECS, Codec, build_codec
-from fedelta.compression.uplink import SPARSITY, ClientMemory, UplinkCompression
+from fedelta.compression.sparse import SPARSITY, SparsityMethod
+from fedelta.compression.uplink import ClientMemory, UplinkCompression
 
 __all__ = [
     "CODECS",
     "SPARSITY",
+    "SparsityMethod",
     "ClientMemory",
     "Codec",
     "UplinkCompression",

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from fedelta.lora import is_head
 from fedelta.seeding import derive_seed
+from fedelta.tensors import is_head
 
 
 def group_of(name: str) -> str | None:

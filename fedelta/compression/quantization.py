@@ -18,8 +18,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from fedelta.registry import Registry
+
 FP16_MAX = 65504.0
-CODECS = ("none", "fp16", "int8", "int8-block")
 
 
 class Codec(ABC):
@@ -29,6 +30,13 @@ class Codec(ABC):
     wire_dtype: ClassVar[np.dtype]
     """The dtype of the value array on the wire (anything else is refused)."""
     has_scales: ClassVar[bool] = False
+    exact: ClassVar[bool] = False
+    """Decodes to exactly the fp32 values encoded (no quantization)."""
+
+    @classmethod
+    def build(cls, name: str, block_size: int, stochastic: bool) -> Codec:
+        """The codec registered as ``name`` with a run's ``[compression]`` settings."""
+        return cls()
 
     @abstractmethod
     def encode(
@@ -51,7 +59,9 @@ class Codec(ABC):
 
 class Fp32(Codec):
     name = "none"
+    summary = "fp32 values"
     wire_dtype = np.dtype(np.float32)
+    exact = True
 
     def encode(
         self, values: torch.Tensor, generator: torch.Generator | None = None
@@ -67,6 +77,7 @@ class Fp32(Codec):
 
 class Fp16(Codec):
     name = "fp16"
+    summary = "fp16 values"
     wire_dtype = np.dtype(np.float16)
 
     def encode(
@@ -97,6 +108,10 @@ class Int8(Codec):
         self.block_size = block_size
         self.stochastic = stochastic
         self.name = "int8-block" if block_size else "int8"
+
+    @classmethod
+    def build(cls, name: str, block_size: int, stochastic: bool) -> Int8:
+        return cls(block_size if name == "int8-block" else 0, stochastic)
 
     def scale_count(self, numel: int) -> int:
         if not self.block_size:
@@ -139,14 +154,14 @@ class Int8(Codec):
         return peak * (1.0 if self.stochastic else 0.5) * (1 + 1e-5) + 1e-12
 
 
+CODECS: Registry[type[Codec]] = Registry("compression.quantization", (Fp32, Fp16))
+"""What ``compression.quantization`` may name."""
+CODECS.register(Int8, name="int8", summary="int8 values, one scale per tensor")
+CODECS.register(Int8, name="int8-block", summary="int8 values, one scale per block-size values")
+
+
 def build_codec(name: str, block_size: int = 256, stochastic: bool = False) -> Codec:
     """The codec ``compression.quantization`` names."""
-    if name == "none":
-        return Fp32()
-    if name == "fp16":
-        return Fp16()
-    if name == "int8":
-        return Int8(0, stochastic)
-    if name == "int8-block":
-        return Int8(block_size, stochastic)
-    raise ValueError(f"unknown quantization {name!r}; use one of {', '.join(CODECS)}")
+    if name not in CODECS:
+        raise ValueError(f"unknown quantization {name!r}; use one of {', '.join(CODECS)}")
+    return CODECS[name].build(name, block_size, stochastic)

@@ -1,4 +1,4 @@
-"""How many entries a sparse upload keeps, and how its indices are typed.
+"""Sparsity methods: what each keeps and sends, how many entries, how indices are typed.
 
 A sparse tensor (:class:`fedelta.tensors.SparseTensor`) on the wire is its values
 and, unless every process can derive them (seeded masks), its flat indices in the
@@ -11,8 +11,11 @@ refuses them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+
+from fedelta.registry import Registry
 
 
 def count_for(numel: int, density: float) -> int:
@@ -27,3 +30,38 @@ def index_dtype(numel: int) -> np.dtype:
     if numel <= 2**32:
         return np.dtype(np.uint32)
     return np.dtype(np.int64)
+
+
+@dataclass(frozen=True)
+class SparsityMethod:
+    """What a ``compression.sparsity`` method does to an upload."""
+
+    name: str
+    summary: str
+    sparse: bool
+    """Sends a share (``compression.density``) of each tensor's entries."""
+    sends_indices: bool
+    """The kept indices travel with the values: each client's coordinates differ, so
+    uploads cannot be summed blindly (secure aggregation refuses them)."""
+    trains_mask: bool
+    """Restricts training itself to the kept entries (and sends exactly those), rather
+    than sparsifying a dense delta afterwards."""
+
+
+SPARSITY: Registry[SparsityMethod] = Registry(
+    "compression.sparsity",
+    (
+        SparsityMethod("none", "dense uploads", False, False, False),
+        SparsityMethod("top-k", "the largest entries of the delta", True, True, False),
+        SparsityMethod(
+            "random-mask", "a mask seeded by the round, shared by all clients", True, False, False
+        ),
+        SparsityMethod(
+            "spiel", "a trained index set, pruned and regrown (SpIEL)", True, True, True
+        ),
+        SparsityMethod(
+            "lift", "the principal weights of a low-rank approximation (LIFT)", True, True, True
+        ),
+    ),
+)
+"""What ``compression.sparsity`` may name."""

@@ -27,23 +27,18 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from fedelta.compression import error_feedback
+from fedelta.compression.error_feedback import corrected, remainder
 from fedelta.compression.half_finetuning import selected_tensors
 from fedelta.compression.lift import lift_indices
 from fedelta.compression.masked_training import TrainingMask
 from fedelta.compression.quantization import build_codec
 from fedelta.compression.selection import seeded_mask_indices, top_k_indices
-from fedelta.compression.sparse import count_for
+from fedelta.compression.sparse import SPARSITY, count_for
 from fedelta.compression.spiel import SpielMask, initial_indices
 from fedelta.compression.wire import TensorFormat, decode_delta, encode_delta, format_of
 from fedelta.config import CompressionConfig
-from fedelta.lora import is_head
 from fedelta.seeding import derive_seed
-from fedelta.tensors import Delta, SparseTensor, TensorDict, densify
-
-SPARSITY = ("none", "top-k", "random-mask", "spiel", "lift")
-TRAINING_MASKS = ("spiel", "lift")
-"""Methods that restrict training itself; the others sparsify a dense delta."""
+from fedelta.tensors import Delta, SparseTensor, TensorDict, densify, is_head
 
 
 @dataclass
@@ -89,6 +84,7 @@ class UplinkCompression:
         self.codec = build_codec(
             settings.quantization, settings.block_size, settings.stochastic_rounding
         )
+        self.method = SPARSITY[settings.sparsity]
         self._masks: dict[tuple[int, str, int], torch.Tensor] = {}
 
     @property
@@ -97,14 +93,14 @@ class UplinkCompression:
 
     @property
     def sends_indices(self) -> bool:
-        return self.sparsity in ("top-k", *TRAINING_MASKS)
+        return self.method.sends_indices
 
     @property
     def uses_error_feedback(self) -> bool:
         """Error feedback applies where something is left out: post-hoc sparsity or a
         lossy codec, never training-time masks (they send all they trained)."""
-        lossy = self.sparsity != "none" or self.codec.name != "none"
-        return self.settings.error_feedback and lossy and self.sparsity not in TRAINING_MASKS
+        lossy = self.method.sparse or not self.codec.exact
+        return self.settings.error_feedback and lossy and not self.method.trains_mask
 
     # -- shared --------------------------------------------------------------------------
     def uplink_names(self, names: Iterable[str], server_round: int) -> set[str]:
@@ -122,7 +118,7 @@ class UplinkCompression:
         for name in sorted(self.uplink_names(layout, server_round)):
             shape = tuple(layout[name])
             fmt = TensorFormat(shape)
-            if self.sparsity != "none" and not is_head(name):
+            if self.method.sparse and not is_head(name):
                 count = count_for(fmt.numel, self.settings.density)
                 indices = None
                 if self.sparsity == "random-mask":
@@ -184,7 +180,7 @@ class UplinkCompression:
         density = self.settings.density
         intended = dict(delta)
         if self.uses_error_feedback:
-            intended = error_feedback.corrected(delta, memory.residual)
+            intended = corrected(delta, memory.residual)
         wire: dict[str, torch.Tensor | SparseTensor] = dict(intended)
         for name, value in intended.items():
             if is_head(name):
@@ -202,5 +198,5 @@ class UplinkCompression:
         if self.uses_error_feedback:
             formats = {k: format_of(v, self.sends_indices) for k, v in wire.items()}
             sent = densify(decode_delta(record, formats, self.codec))
-            memory.residual = error_feedback.remainder(intended, sent, memory.residual)
+            memory.residual = remainder(intended, sent, memory.residual)
         return record

@@ -36,6 +36,7 @@ from fedelta.merging.task_vectors import (
     read_info,
     save_model_folder,
 )
+from fedelta.models import load_base_model
 from fedelta.seeding import derive_seed
 
 LORA_MODES = ("product", "factors")
@@ -144,8 +145,6 @@ def _merge_products(
     density: float,
     seed: int,
 ) -> Path:
-    from fedelta.models import load_base_model
-
     vectors = [from_adapter(s) for s in sources]
     infos: list[dict[str, Any]] = [v.info for v in vectors]
     base = (

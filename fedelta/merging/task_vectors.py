@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedelta.errors import UserError
+from fedelta.models import load_tokenizer
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -144,8 +145,6 @@ def save_model_folder(
     """Write ``model`` (a base with ``vector`` applied) as a Transformers folder with the
     base's tokenizer and a ``fedelta.json`` that :func:`fedelta.server.export.load_exported`
     and ``fedelta simulate --init-from`` read."""
-    from fedelta.models import load_tokenizer
-
     labels = vector.labels
     if labels:
         model.config.id2label = dict(enumerate(labels))

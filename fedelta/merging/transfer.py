@@ -30,6 +30,7 @@ from fedelta.merging.task_vectors import (
     read_info,
     save_model_folder,
 )
+from fedelta.models import load_base_model
 
 REPORT_FILE = "transfer.json"
 
@@ -51,8 +52,6 @@ class Shift:
 def load_vector(source: Path, base_from: str) -> TaskVector:
     """The delta of a run directory (its ``adapter/``), an exported adapter, a fully
     fine-tuned model folder (minus ``base_from``) or a safetensors delta file."""
-    from fedelta.models import load_base_model
-
     if (source / "adapter").is_dir():
         source = source / "adapter"
     if source.is_file():
@@ -116,8 +115,6 @@ def _order(item: tuple[str, list[str]]) -> tuple[int, str]:
 def transfer(source: Path, base_from: str, base_to: str, out: Path) -> dict[str, Any]:
     """Apply ``source``'s delta (learned on ``base_from``) to ``base_to``; write the
     result as a model folder ``out`` and its diagnostic as ``out/transfer.json``."""
-    from fedelta.models import load_base_model
-
     vector = load_vector(source, base_from)
     labels, task = vector.labels, vector.task
     if not labels and vector.replace and task == "classification":

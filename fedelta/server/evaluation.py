@@ -6,10 +6,11 @@ from collections.abc import Mapping
 
 import torch
 
+from fedelta.build import model_spec
 from fedelta.config import RunConfig
 from fedelta.data import label_names, load_corpus
 from fedelta.lora import FOLD_PREFIX, apply_fold
-from fedelta.models import ModelSpec, adapter_layout, cached_model, load_adapter_state
+from fedelta.models import adapter_layout, cached_model, load_adapter_state
 from fedelta.tasks import EvalResult, build_task
 
 
@@ -22,7 +23,7 @@ class CentralEvaluator:
     def __init__(self, config: RunConfig) -> None:
         self.task = build_task(config)
         self.label_names = label_names(config.data, config.seed)
-        self.spec = ModelSpec.from_config(config, len(self.label_names))
+        self.spec = model_spec(config, len(self.label_names))
         built = cached_model(self.spec)
         self.model, self.tokenizer, self.initial_state = (
             built.model,

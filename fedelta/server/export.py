@@ -19,12 +19,12 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
+from fedelta.build import model_spec
 from fedelta.config import RUN_CONFIG_FILE, load_config
 from fedelta.data import load_corpus
 from fedelta.lora import FOLD_PREFIX, apply_fold
 from fedelta.merging.rounds import merged_export
 from fedelta.models import (
-    ModelSpec,
     build_model,
     load_base_model,
     load_tokenizer,
@@ -72,7 +72,7 @@ def export_checkpoint(run_dir: Path) -> Path:
     config = load_config(run_dir / RUN_CONFIG_FILE)
     checkpoint = load_checkpoint(run_dir)
     corpus = load_corpus(config.data, config.seed)
-    model = build_model(ModelSpec.from_config(config, corpus.num_labels))
+    model = build_model(model_spec(config, corpus.num_labels))
     state = checkpoint.global_state
     if config.export.merge != "none":
         state = merged_export(config.export, run_dir, checkpoint.server_round, model, config.seed)

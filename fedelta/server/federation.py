@@ -24,6 +24,8 @@ from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
 from fedelta import deltas, protocol
+from fedelta.build import build_strategy
+from fedelta.compatibility import check_config
 from fedelta.compression import UplinkCompression
 from fedelta.config import RUN_CONFIG_FILE, ConfigError, RunConfig, load_config
 from fedelta.data import label_names, load_corpus
@@ -40,7 +42,7 @@ from fedelta.server.ledger import message_bytes
 from fedelta.server.metrics import MetricsLog, format_table, summarise, write_summary
 from fedelta.server.sampling import sample_sites
 from fedelta.server.validation import ReplyMetrics, read_metrics, read_update
-from fedelta.strategies import EmptyRoundError, Strategy, build_strategy
+from fedelta.strategies import EmptyRoundError, Strategy
 from fedelta.tasks import EvalResult, build_task
 from fedelta.tensors import layout_of
 
@@ -79,6 +81,7 @@ class Federation:
         nested: bool = False,
     ) -> None:
         self.grid = grid
+        check_config(config)
         self.config = _with_label_names(config)
         self.run_dir = run_dir
         self.strategy = strategy or build_strategy(config)

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
+from fedelta.build import model_spec
 from fedelta.config import RunConfig
 from fedelta.data import cycle, load_corpus
-from fedelta.models import ModelSpec, build_model, load_tokenizer
+from fedelta.models import build_model, load_tokenizer
 from fedelta.seeding import seed_everything
 from fedelta.server.sampling import sample_size
 from fedelta.tasks import build_task
@@ -41,7 +42,7 @@ def train_centralised(
     if config.local_steps <= 0:
         raise ValueError("the centralised baseline needs local-steps > 0 to size its budget")
     corpus = load_corpus(config.data, config.seed)
-    spec = ModelSpec.from_config(config, corpus.num_labels)
+    spec = model_spec(config, corpus.num_labels)
     task = build_task(config)
     model, tokenizer = build_model(spec), load_tokenizer(config.model.name, config.model.task)
     seed_everything(config.seed)

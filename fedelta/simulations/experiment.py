@@ -11,7 +11,7 @@ tables::
 
     [variants.fedavg]              # named arms, each a set of overrides
     [variants.fedadam]
-    strategy.name = "fedadam"
+    strategy.optimizer = "fedadam"
 
     [grid]                         # crossed with every variant
     lr = [0.001, 0.002]

@@ -16,13 +16,15 @@ from typing import Any
 
 import torch
 
+from fedelta.build import build_strategy
 from fedelta.client.trainer import ClientTrainer
+from fedelta.compatibility import check_config
 from fedelta.compression import ClientMemory
 from fedelta.config import RunConfig
 from fedelta.privacy.accounting import PrivacyAccountant
 from fedelta.protocol import Site
 from fedelta.server.evaluation import CentralEvaluator
-from fedelta.strategies import Strategy, build_strategy
+from fedelta.strategies import Strategy
 from fedelta.tasks import build_task
 
 
@@ -42,6 +44,7 @@ def federate(
 ) -> InProcessRun:
     """Run ``config``'s rounds with every client of ``simulation.num-supernodes``
     taking part in every round (``fraction-train`` is not applied)."""
+    check_config(config)
     strategy = strategy or build_strategy(config)
     evaluator = CentralEvaluator(config)
     task = build_task(config)

@@ -16,10 +16,12 @@ from pathlib import Path
 import psutil
 from flwr.clientapp import ClientApp
 
+from fedelta.build import model_spec
 from fedelta.client.app import app as fedelta_client_app
+from fedelta.compatibility import check_config
 from fedelta.config import ConfigError, RunConfig
 from fedelta.data import load_client_data, load_corpus
-from fedelta.models import ModelSpec, cached_model, resolve_model_path
+from fedelta.models import cached_model, resolve_model_path
 from fedelta.server.app import make_server_app, run_dir_for
 from fedelta.server.metrics import SUMMARY_FILE, write_summary
 from fedelta.simulations.report import write_run_report
@@ -140,11 +142,13 @@ class PeakMemory:
 
 
 def preflight(config: RunConfig) -> None:
-    """Fail before Ray starts if the model, the data or the partitioning cannot work."""
+    """Fail before Ray starts if the config, the model, the data or the partitioning
+    cannot work."""
+    check_config(config)
     resolve_model_path(config.model.name)  # even when this process has the model cached
     corpus = load_corpus(config.data, config.seed)
     task = build_task(config)
     task.check_data(corpus.test, f"data '{config.data.name}'")
     load_client_data(config.data, config.seed, config.simulation.num_supernodes, 0)
     # Also checks that lora.target-modules fit the model; the server reuses this build.
-    cached_model(ModelSpec.from_config(config, corpus.num_labels))
+    cached_model(model_spec(config, corpus.num_labels))

@@ -6,7 +6,6 @@ update after it is formed, so they change none of these properties.
 
 from __future__ import annotations
 
-from fedelta.merging import AGGREGATION_MERGES, MERGE_METHODS
 from fedelta.strategies.aggregators import AGGREGATORS
 from fedelta.strategies.lora import LORA_AGGREGATIONS
 
@@ -40,29 +39,16 @@ def capability_matrix() -> list[dict[str, str | bool]]:
     for name, aggregator in AGGREGATORS.items():
         rows.append(
             {
-                "kind": "strategy.robust",
+                "kind": "strategy.aggregator",
                 "name": name,
-                "summary": aggregator.summary,
-                # A combination rule can only keep what the LoRA rule offers:
+                "summary": AGGREGATORS.summary(name),
+                # A combination rule can only keep what the LoRA rule offers; merge
+                # operators trim or drop each update on its own: never a plain sum.
                 "exact": aggregator.linear,
                 "linear": aggregator.linear,
                 "heterogeneous-ranks": True,
                 "dp-friendly": True,
                 "streaming": aggregator.streaming,
-            }
-        )
-    for name in AGGREGATION_MERGES:
-        rows.append(
-            {
-                "kind": "strategy.robust",
-                "name": name,
-                "summary": MERGE_METHODS[name].summary,
-                # Each client's update is trimmed or dropped on its own: never a plain sum.
-                "exact": False,
-                "linear": False,
-                "heterogeneous-ranks": True,
-                "dp-friendly": True,
-                "streaming": False,
             }
         )
     return rows

@@ -18,6 +18,7 @@ from peft import TaskType
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from fedelta.config import RunConfig
 from fedelta.data import DataError
 
 
@@ -38,9 +39,18 @@ class Task(ABC):
     data_kind: ClassVar[str]
     """What the task trains on: ``labelled text`` or ``chats``."""
     eval_batch_size: ClassVar[int]
+    partitioners: ClassVar[tuple[str, ...]]
+    """The ``data.partitioner`` values that can split this task's data."""
+    packs: ClassVar[bool] = False
+    """Can pack tokenised examples into blocks (``data.packing``)."""
 
     def __init__(self, max_length: int) -> None:
         self.max_length = max_length
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> Task:
+        """The task with a run's length settings."""
+        return cls(config.model.max_length)
 
     @classmethod
     @abstractmethod

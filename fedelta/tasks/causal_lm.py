@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from fedelta.chat_data import MESSAGES
+from fedelta.config import RunConfig
 from fedelta.tasks.base import EvalResult, Task, perplexity
 from fedelta.tasks.chat_tokenization import (
     CHATML_TEMPLATE,
@@ -30,11 +31,17 @@ class CausalLM(Task):
     peft_task_type = TaskType.CAUSAL_LM
     data_kind = "chats"
     eval_batch_size = 8
+    partitioners = ("iid", "topic")
+    packs = True
     """Small: the logits of a batch are batch x length x vocabulary floats."""
 
     def __init__(self, max_length: int, packing: bool = False) -> None:
         super().__init__(max_length)
         self.packing = packing
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> CausalLM:
+        return cls(config.model.max_length, packing=config.data.packing)
 
     @classmethod
     def load_pretrained(cls, path: str, num_labels: int) -> torch.nn.Module:

@@ -19,6 +19,7 @@ class Classification(Task):
     peft_task_type = TaskType.SEQ_CLS
     data_kind = "labelled text"
     eval_batch_size = 64
+    partitioners = ("iid", "dirichlet")
 
     @classmethod
     def load_pretrained(cls, path: str, num_labels: int) -> torch.nn.Module:

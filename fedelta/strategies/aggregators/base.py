@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from fedelta.config import RunConfig
 from fedelta.strategies.base import EmptyRoundError
 from fedelta.tensors import TensorDict
 
@@ -27,7 +28,15 @@ class Aggregator(ABC):
     linear: ClassVar[bool] = False
     """Only the (weighted) sum of updates is needed, so secure aggregation can hide them."""
     sparse: ClassVar[bool] = False
-    """Takes :class:`~fedelta.compression.SparseTensor` updates without densifying them."""
+    """Takes :class:`~fedelta.tensors.SparseTensor` updates without densifying them."""
+    weighs_senders: ClassVar[bool] = False
+    """Can average each coordinate over the clients that sent it
+    (``compression.weighting = "senders"``)."""
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> Aggregator:
+        """The rule with a run's settings; rules without settings take none."""
+        return cls()
 
     @abstractmethod
     def begin(self, server_round: int = 0) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedelta.config import PrivacyConfig
+from fedelta.config import PrivacyConfig, RunConfig
 from fedelta.privacy.accounting import PrivacyAccountant
 from fedelta.privacy.client_level import (
     NOISE_MULTIPLIER,
@@ -52,6 +52,11 @@ class ClientLevelDP(Aggregator):
         self._sampled = 0
         self._sample_rate = 1.0
         self._received = self._clipped = 0
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> ClientLevelDP:
+        """Client-level DP over the run's rounds; it replaces ``strategy.aggregator``."""
+        return cls(config.privacy, config.num_server_rounds, config.seed)
 
     def sampling(self, sampled: int, population: int) -> None:
         self._sampled = sampled

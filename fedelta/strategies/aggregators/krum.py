@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fedelta.config import RunConfig
 from fedelta.strategies.aggregators.base import BufferedAggregator
 from fedelta.tensors import TensorDict
 
@@ -20,6 +21,10 @@ class Krum(BufferedAggregator):
         super().__init__()
         self.byzantine, self.keep = byzantine, keep
         self._selected: list[int] = []
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> Krum:
+        return cls(config.strategy.byzantine)
 
     def scores(self) -> torch.Tensor:
         """Krum score of every buffered update (lower is more central)."""
@@ -59,6 +64,10 @@ class MultiKrum(Krum):
 
     def __init__(self, byzantine: int = 1, keep: int = 0) -> None:
         super().__init__(byzantine, keep)
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> MultiKrum:
+        return cls(config.strategy.byzantine, config.strategy.krum_keep)
 
     def _keep(self, n: int) -> int:
         return self.keep or max(1, n - self.byzantine)

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 
 import torch
 
+from fedelta.config import RunConfig
 from fedelta.strategies.aggregators.base import Aggregator
 from fedelta.strategies.base import EmptyRoundError
 from fedelta.tensors import SparseTensor, TensorDict
@@ -34,6 +35,7 @@ class Mean(Aggregator):
     streaming = True
     linear = True
     sparse = True
+    weighs_senders = True
 
     def __init__(self, weighting: str = "all") -> None:
         if weighting not in WEIGHTINGS:
@@ -42,6 +44,10 @@ class Mean(Aggregator):
         self._sum: TensorDict = {}
         self._coverage: TensorDict = {}
         self._weight = 0.0
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> Mean:
+        return cls(config.compression.weighting)
 
     def begin(self, server_round: int = 0) -> None:
         self._sum, self._coverage, self._weight = {}, {}, 0.0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 
+from fedelta.config import RunConfig
 from fedelta.merging.operators import MERGE_METHODS, merge_tensors
 from fedelta.seeding import derive_seed
 from fedelta.strategies.aggregators.base import BufferedAggregator
@@ -43,6 +44,13 @@ class MergeAggregator(BufferedAggregator):
         self.density = density
         self.seed = seed
         self.server_round = 0
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> MergeAggregator:
+        """The merge ``strategy.aggregator`` names (this class is registered under each
+        merge operator's name)."""
+        s = config.strategy
+        return cls(s.aggregator, s.merge_density, config.seed)
 
     def begin(self, server_round: int = 0) -> None:
         super().begin(server_round)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from fedelta.config import RunConfig
 from fedelta.strategies.aggregators.base import BufferedAggregator
 from fedelta.tensors import TensorDict
 
@@ -20,6 +21,10 @@ class TrimmedMean(BufferedAggregator):
         if not 0 <= trim_fraction < 0.5:
             raise ValueError(f"trim fraction must be in [0, 0.5), got {trim_fraction}")
         self.trim_fraction = trim_fraction
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> TrimmedMean:
+        return cls(config.strategy.trim_fraction)
 
     def combine(self) -> TensorDict:
         n = len(self.updates)

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import torch
 
+from fedelta.config import RunConfig
 from fedelta.lora import (
     A_SUFFIX,
     B_SUFFIX,
@@ -48,6 +49,12 @@ class LoraAggregation:
     folds_tail: ClassVar[bool] = False
     """A lower-rank client folds the global components it cannot hold into its base
     weights, so it trains on exactly the global model."""
+    needs_adapter: ClassVar[bool] = True
+    """Works on LoRA factors only, so the model must train an adapter
+    (``model.finetuning = "lora"``); a rule that averages any tensors does not."""
+    refactorable: ClassVar[bool] = False
+    """Both factors stay global and trained, so the server may store them in SVD
+    order (``strategy.rank-projection = "svd"``)."""
 
     def __init__(
         self,
@@ -63,6 +70,16 @@ class LoraAggregation:
         self.server_round = 0
         self.global_state: Mapping[str, torch.Tensor] = {}
         self._metrics: dict[str, float] = {}
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> LoraAggregation:
+        """The rule with a run's rank scaling, seed and ``[strategy]`` settings."""
+        return cls(
+            RankScaling.from_settings(config.lora),
+            seed=config.seed,
+            fold_rank=config.strategy.fold_rank,
+            svd_projection=config.strategy.rank_projection == "svd",
+        )
 
     # -- what travels ---------------------------------------------------------------
     def exchanged(self, name: str) -> bool:

@@ -37,7 +37,8 @@ from fedelta.lora import (
 )
 from fedelta.seeding import derive_seed
 from fedelta.strategies.aggregators.mean import Mean
-from fedelta.strategies.lora.base import LoraAggregation, TensorDict
+from fedelta.strategies.lora.base import LoraAggregation
+from fedelta.tensors import TensorDict
 
 TOTAL_PREFIX = "total/"
 """Optimizer-space keys: the effective update ``W - W0`` of one module."""
@@ -112,6 +113,7 @@ class FedExLora(FoldingLora):
     """Averaged factors as the next adapter, the exact residual folded into the base."""
 
     name = "fedex"
+    refactorable = True
     summary = "factor means + exact residual folded into the base weights"
 
     def begin(

@@ -15,3 +15,5 @@ class NaiveLora(LoraAggregation):
     exact = False
     linear = True
     dp_friendly = False
+    needs_adapter = False
+    refactorable = True

@@ -1,5 +1,6 @@
 """Server optimizers applied to the aggregated delta, by config name."""
 
+from fedelta.registry import Registry
 from fedelta.strategies.optimizers.base import ServerOptimizer
 from fedelta.strategies.optimizers.fedadagrad import FedAdagrad
 from fedelta.strategies.optimizers.fedadam import FedAdam
@@ -9,9 +10,9 @@ from fedelta.strategies.optimizers.fedopt import FedOpt
 from fedelta.strategies.optimizers.fedprox import PROXIMAL_MU, FedProx
 from fedelta.strategies.optimizers.fedyogi import FedYogi
 
-OPTIMIZERS: dict[str, type[ServerOptimizer]] = {
-    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedProx)
-}
+OPTIMIZERS: Registry[type[ServerOptimizer]] = Registry(
+    "strategy.optimizer", (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedProx)
+)
 
 __all__ = [
     "OPTIMIZERS",

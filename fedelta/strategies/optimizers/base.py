@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from fedelta.config import StrategyConfig
 from fedelta.tensors import TensorDict
 
 
@@ -22,9 +23,18 @@ class ServerOptimizer(ABC):
 
     name: ClassVar[str]
     default_lr: ClassVar[float] = 1.0
+    client_loss_term: ClassVar[str] = ""
+    """What clients add to their training loss for this optimizer (FedProx's proximal
+    term); empty when they train on the task loss alone."""
 
     def __init__(self, lr: float | None = None) -> None:
         self.lr = self.default_lr if not lr else lr
+
+    @classmethod
+    def from_config(cls, settings: StrategyConfig) -> ServerOptimizer:
+        """The optimizer with a run's ``[strategy]`` settings (``server-lr`` 0: the
+        optimizer's default)."""
+        return cls(lr=settings.server_lr or None)
 
     @abstractmethod
     def step(

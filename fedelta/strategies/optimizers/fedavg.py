@@ -6,7 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
-from fedelta.strategies.optimizers.base import ServerOptimizer, TensorDict
+from fedelta.strategies.optimizers.base import ServerOptimizer
+from fedelta.tensors import TensorDict
 
 
 class FedAvg(ServerOptimizer):

@@ -6,7 +6,9 @@ from collections.abc import Mapping
 
 import torch
 
-from fedelta.strategies.optimizers.base import ServerOptimizer, TensorDict
+from fedelta.config import StrategyConfig
+from fedelta.strategies.optimizers.base import ServerOptimizer
+from fedelta.tensors import TensorDict
 
 
 class FedAvgM(ServerOptimizer):
@@ -18,6 +20,10 @@ class FedAvgM(ServerOptimizer):
         super().__init__(lr)
         self.momentum = momentum
         self.velocity: TensorDict = {}
+
+    @classmethod
+    def from_config(cls, settings: StrategyConfig) -> FedAvgM:
+        return cls(lr=settings.server_lr or None, momentum=settings.momentum)
 
     def step(
         self, params: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]

@@ -13,7 +13,9 @@ from collections.abc import Mapping
 
 import torch
 
-from fedelta.strategies.optimizers.base import ServerOptimizer, TensorDict
+from fedelta.config import StrategyConfig
+from fedelta.strategies.optimizers.base import ServerOptimizer
+from fedelta.tensors import TensorDict
 
 
 class FedOpt(ServerOptimizer):
@@ -32,6 +34,15 @@ class FedOpt(ServerOptimizer):
         self.beta1, self.beta2, self.tau = beta1, beta2, tau
         self.m: TensorDict = {}
         self.v: TensorDict = {}
+
+    @classmethod
+    def from_config(cls, settings: StrategyConfig) -> FedOpt:
+        return cls(
+            lr=settings.server_lr or None,
+            beta1=settings.beta1,
+            beta2=settings.beta2,
+            tau=settings.tau,
+        )
 
     @abstractmethod
     def second_moment(self, v: torch.Tensor, d_sq: torch.Tensor) -> torch.Tensor:

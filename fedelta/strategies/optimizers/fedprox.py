@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedelta.config import StrategyConfig
 from fedelta.strategies.optimizers.fedavg import FedAvg
 
 PROXIMAL_MU = "proximal-mu"
@@ -12,10 +13,15 @@ class FedProx(FedAvg):
     """Limits client drift on heterogeneous data by pulling local weights to the global."""
 
     name = "fedprox"
+    client_loss_term = "FedProx's proximal term"
 
     def __init__(self, lr: float | None = None, mu: float = 0.01) -> None:
         super().__init__(lr)
         self.mu = mu
+
+    @classmethod
+    def from_config(cls, settings: StrategyConfig) -> FedProx:
+        return cls(lr=settings.server_lr or None, mu=settings.proximal_mu)
 
     def client_config(self) -> dict[str, bool | int | float | str]:
         return {PROXIMAL_MU: self.mu}

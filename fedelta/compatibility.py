@@ -1,0 +1,226 @@
+"""Which components a config may combine: every rule asks the components themselves.
+
+:class:`~fedelta.config.RunConfig` checks each value on its own. Here the names it
+gives are looked up in the components' registries (an unknown one is refused with
+the choices), and each combination that could not give what it promises is refused
+before anything trains, by the flags the components declare: a LoRA rule's
+``factor_space``, ``linear``, ``refactorable``, ``needs_adapter``; an aggregator's
+``weighs_senders``; an optimizer's ``client_loss_term``; a sparsity method's
+``sparse``, ``sends_indices``, ``trains_mask``; a codec's ``exact``; a task's
+``partitioners`` and ``packs``. A new component states its flags and every rule
+follows.
+
+Every engine runs :func:`check_config` before its first round: ``fedelta simulate``,
+the ServerApp under ``flwr run`` and a deployment, and the in-process engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fedelta.build import build_strategy
+from fedelta.compression import CODECS, SPARSITY
+from fedelta.config import ConfigError, RunConfig, StrategyConfig
+from fedelta.data import PARTITIONERS
+from fedelta.merging import EXPORT_MERGES
+from fedelta.strategies import AGGREGATORS, LORA_AGGREGATIONS, OPTIMIZERS
+from fedelta.tasks import TASKS
+
+
+def check_config(config: RunConfig) -> None:
+    """Raise :class:`ConfigError` naming the key if ``config`` names a component that
+    does not exist, or combines components that cannot work together."""
+    OPTIMIZERS[config.strategy.optimizer]
+    AGGREGATORS[config.strategy.aggregator]
+    LORA_AGGREGATIONS[config.strategy.lora]
+    SPARSITY[config.compression.sparsity]
+    CODECS[config.compression.quantization]
+    TASKS[config.model.task]
+    _one_of("data.partitioner", config.data.partitioner, PARTITIONERS)
+    _one_of("export.merge", config.export.merge, EXPORT_MERGES)
+    _check_lora(config)
+    _check_compression(config)
+    _check_task(config)
+    _check_privacy(config)
+
+
+def _check_lora(config: RunConfig) -> None:
+    rule = LORA_AGGREGATIONS[config.strategy.lora]
+    if config.strategy.rank_projection == "svd" and not rule.refactorable:
+        refactorable = [n for n, r in LORA_AGGREGATIONS.items() if r.refactorable]
+        raise ConfigError(
+            "config key 'strategy.rank-projection' = \"svd\" re-factors the global "
+            f"adapter, which strategy.lora = {rule.name!r} keeps fixed, local or "
+            f"empty; use it with {' or '.join(refactorable)}"
+        )
+    if config.model.finetuning == "full":
+        if rule.needs_adapter:
+            plain = [n for n, r in LORA_AGGREGATIONS.items() if not r.needs_adapter]
+            raise ConfigError(
+                f"config key 'strategy.lora' = {rule.name!r} aggregates LoRA factors, but "
+                'model.finetuning = "full" trains no adapter; use strategy.lora = '
+                + " or ".join(f'"{n}"' for n in plain)
+            )
+        if config.lora.client_ranks.strip():
+            raise ConfigError("config key 'lora.client-ranks' needs model.finetuning = \"lora\"")
+
+
+def _check_compression(config: RunConfig) -> None:
+    """Combinations whose uploads the server could not aggregate as asked."""
+    c = config.compression
+    rule = LORA_AGGREGATIONS[config.strategy.lora]
+    factor_rules = ", ".join(n for n, r in LORA_AGGREGATIONS.items() if r.factor_space)
+    if c.half_finetuning and not rule.factor_space:
+        raise ConfigError(
+            "config key 'compression.half-finetuning' freezes whole LoRA modules, which "
+            f"strategy.lora = {rule.name!r} folds into the base weights; use {factor_rules}"
+        )
+    if c.weighting == "senders":
+        if not SPARSITY[c.sparsity].sparse:
+            raise ConfigError(
+                "config key 'compression.weighting' = \"senders\" averages sparse "
+                "coordinates; set compression.sparsity"
+            )
+        aggregator = AGGREGATORS[config.strategy.aggregator]
+        if not rule.factor_space or not aggregator.weighs_senders:
+            raise ConfigError(
+                "config key 'compression.weighting' = \"senders\" needs the mean over "
+                f"LoRA factors (strategy.lora {factor_rules}; strategy.aggregator mean), "
+                f"not {rule.name!r} with {config.strategy.aggregator!r}"
+            )
+        if config.lora.client_ranks.strip():
+            raise ConfigError(
+                "config key 'compression.weighting' = \"senders\" cannot tell a lower-rank "
+                "client's padding from a sent zero; leave lora.client-ranks empty"
+            )
+
+
+def _check_task(config: RunConfig) -> None:
+    """Options that only some tasks can use."""
+    task = TASKS[config.model.task]
+    partitioner = config.data.partitioner
+    if partitioner not in task.partitioners:
+        why = {
+            "dirichlet": "skews labels, which chat data has none of",
+            "topic": "splits chat data by topic",
+        }.get(partitioner, f"cannot split {task.data_kind}")
+        raise ConfigError(
+            f"config key 'data.partitioner' = \"{partitioner}\" {why}; use "
+            + " or ".join(f'"{p}"' for p in task.partitioners)
+            + f' with model.task = "{task.name}"'
+        )
+    if config.data.packing and not task.packs:
+        packers = [name for name, t in TASKS.items() if t.packs]
+        raise ConfigError(
+            "config key 'data.packing' needs model.task = " + " or ".join(f'"{n}"' for n in packers)
+        )
+
+
+def _check_privacy(config: RunConfig) -> None:
+    """DP and secure-aggregation settings that could not give what they promise."""
+    p = config.privacy
+    if p.dp_sgd:
+        if not p.noise_multiplier and not p.target_epsilon:
+            raise ConfigError(
+                "config key 'privacy.dp-sgd' needs privacy.noise-multiplier or "
+                "privacy.target-epsilon (both are 0)"
+            )
+        refused = {
+            "gradient-accumulation-steps": (
+                config.gradient_accumulation_steps > 1,
+                "Opacus accounts one noisy step per sampled batch; raise batch-size",
+            ),
+            "strategy.optimizer": (
+                bool(term := OPTIMIZERS[config.strategy.optimizer].client_loss_term),
+                f"{term} in the clients' loss is not a per-example gradient and would "
+                "escape clipping",
+            ),
+            "compression.sparsity": (
+                SPARSITY[config.compression.sparsity].trains_mask,
+                "training-time masks edit gradients after Opacus noised them",
+            ),
+        }
+        _refuse_with(config, "privacy.dp-sgd", refused)
+    if p.client_dp != "none":
+        if not p.client_noise_multiplier and not p.client_target_epsilon:
+            raise ConfigError(
+                "config key 'privacy.client-dp' needs privacy.client-noise-multiplier or "
+                "privacy.client-target-epsilon (both are 0)"
+            )
+        rule = LORA_AGGREGATIONS[config.strategy.lora]
+        if p.client_dp == "distributed" and not rule.linear:
+            linear = ", ".join(n for n, r in LORA_AGGREGATIONS.items() if r.linear)
+            raise ConfigError(
+                "config key 'privacy.client-dp' = \"distributed\" relies on the noise shares "
+                f"adding up, but strategy.lora = {rule.name!r} does not combine uploads by "
+                f"summing them; use {linear} (ffa recommended)"
+            )
+        default = StrategyConfig()
+        if config.strategy.aggregator != default.aggregator or config.strategy.clip_norm:
+            raise ConfigError(
+                "config key 'privacy.client-dp' bounds the mean of clipped updates in place "
+                f'of the aggregator; it needs strategy.aggregator = "{default.aggregator}" and '
+                f"strategy.clip-norm = 0 (got {config.strategy.aggregator!r}, "
+                f"{config.strategy.clip_norm:g})"
+            )
+    if p.secure_aggregation:
+        _check_secure_aggregation(config)
+
+
+def _check_secure_aggregation(config: RunConfig) -> None:
+    """The server sees only the sum: every option that needs one upload in the clear,
+    or uploads that do not add up, is refused before anything trains."""
+    if config.privacy.client_dp == "central":
+        raise ConfigError(
+            "config key 'privacy.client-dp' = \"central\" clips each update at the "
+            'server, which secure aggregation hides; use "distributed"'
+        )
+    if not build_strategy(config).capabilities.linear:
+        raise ConfigError(
+            "config key 'privacy.secure-aggregation' needs a strategy that only needs the "
+            f"sum of uploads; strategy.lora = {config.strategy.lora!r} with "
+            f"strategy.aggregator = {config.strategy.aggregator!r} is not linear "
+            "(see `fedelta strategies`)"
+        )
+    c = config.compression
+    summable = ", ".join(n for n, m in SPARSITY.items() if not m.sends_indices)
+    clear = {
+        "compression.sparsity": (
+            SPARSITY[c.sparsity].sends_indices,
+            f"each client sends different coordinates; use {summable}",
+        ),
+        "compression.quantization": (
+            not CODECS[c.quantization].exact,
+            "secure aggregation quantizes uploads itself",
+        ),
+        "compression.half-finetuning": (c.half_finetuning, "uploads differ in layout"),
+        "lora.client-ranks": (
+            bool(config.lora.client_ranks.strip()),
+            "clients of different ranks upload different shapes",
+        ),
+        "max-update-norm": (
+            config.max_update_norm > 0,
+            "the server cannot see one update's norm",
+        ),
+    }
+    _refuse_with(config, "privacy.secure-aggregation", clear)
+    if config.min_train_nodes < 3:
+        raise ConfigError(
+            "config key 'min-train-nodes' must be >= 3 with privacy.secure-aggregation "
+            f"(got {config.min_train_nodes}): with two clients each learns the other's upload"
+        )
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def _refuse_with(config: RunConfig, option: str, conflicts: Mapping[str, tuple[bool, str]]) -> None:
+    """Raise for the first key whose ``(conflicts, why)`` says it breaks ``option``."""
+    flat = config.to_flat()
+    for key, (bad, why) in conflicts.items():
+        if bad:
+            raise ConfigError(
+                f"config key '{key}' = {flat[key]!r} cannot be combined with {option}: {why}"
+            )
