@@ -28,7 +28,7 @@ def build_optimizer(config: RunConfig) -> ServerOptimizer:
 
 
 def build_aggregator(config: RunConfig) -> Aggregator:
-    """The combination rule ``strategy.aggregator`` selects; client-level DP replaces
+    """The aggregator ``strategy.aggregator`` selects; client-level DP replaces
     it (it is the mean of clipped updates plus noise)."""
     if config.privacy.client_dp != "none":
         return ClientLevelDP.from_config(config)

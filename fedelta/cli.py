@@ -357,8 +357,8 @@ def _strategies(args: argparse.Namespace) -> int:
     print(format_matrix(rows))
     print("\n" + "\n".join(f"{key}: {meaning}" for key, meaning in MEANINGS.items()))
     print(
-        "\nA combined strategy has a property only if its LoRA rule and its combination "
-        "rule both do;\nserver-side norm bounding (strategy.clip-norm) rules out secure "
+        "\nA combined strategy has a property only if its LoRA rule and its aggregator "
+        "both do;\nserver-side norm bounding (strategy.clip-norm) rules out secure "
         f"aggregation.\nServer optimizers (strategy.optimizer): {', '.join(OPTIMIZERS)}; "
         "they step the combined update and change none of the above."
     )

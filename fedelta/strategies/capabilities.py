@@ -1,4 +1,4 @@
-"""The capability matrix: what each LoRA rule and each combination rule guarantees.
+"""The capability matrix: what each LoRA rule and each aggregator guarantees.
 
 Server optimizers are left out of the matrix on purpose: they step the combined
 update after it is formed, so they change none of these properties.
@@ -21,7 +21,7 @@ MEANINGS = {
 
 
 def capability_matrix() -> list[dict[str, str | bool]]:
-    """One row per LoRA rule (with the mean), then one per combination rule."""
+    """One row per LoRA rule (with the mean), then one per aggregator."""
     rows: list[dict[str, str | bool]] = []
     for name, rule in LORA_AGGREGATIONS.items():
         rows.append(
@@ -42,7 +42,7 @@ def capability_matrix() -> list[dict[str, str | bool]]:
                 "kind": "strategy.aggregator",
                 "name": name,
                 "summary": AGGREGATORS.summary(name),
-                # A combination rule can only keep what the LoRA rule offers; merge
+                # An aggregator can only keep what the LoRA rule offers; merge
                 # operators trim or drop each update on its own: never a plain sum.
                 "exact": aggregator.linear,
                 "linear": aggregator.linear,

@@ -1,4 +1,4 @@
-"""A strategy composed of a LoRA aggregation, norm bounding, a combination rule and
+"""A strategy composed of a LoRA aggregation, norm bounding, an aggregator and
 a server optimizer: the form every built-in strategy takes.
 
 Per reply: the LoRA rule maps the client's delta into its aggregation space
@@ -51,7 +51,7 @@ class DeltaStrategy(Strategy):
 
     @property
     def capabilities(self) -> Capabilities:
-        """The LoRA rule's guarantees, narrowed by the combination rule and clipping:
+        """The LoRA rule's guarantees, narrowed by the aggregator and clipping:
         robust rules are not sums (neither exact nor linear), and server-side norm
         bounding needs each client's update in the clear."""
         return Capabilities(

@@ -1,4 +1,4 @@
-"""Client-level DP as a combination rule: the mean of clipped, equally weighted site
+"""Client-level DP as an aggregator: the mean of clipped, equally weighted site
 updates plus Gaussian noise (DP-FedAvg, McMahan et al., 2018).
 
 The mechanism, its two placements (``central``, ``distributed``) and its accounting

@@ -1,4 +1,4 @@
-"""Model merging as the combination rule: TIES, DARE and magnitude pruning across clients.
+"""Model merging as the aggregator: TIES, DARE and magnitude pruning across clients.
 
 Client updates from different data pull some coordinates in opposite directions;
 the mean lets them cancel. A merge operator (:mod:`fedelta.merging.operators`,
