@@ -527,7 +527,7 @@ def test_a_fresh_aggregator_is_an_empty_round_zero(name: str) -> None:
         empty.result()
 
 
-# -- merge operators as the combination rule ---------------------------------------------
+# -- merge operators as the aggregator ---------------------------------------------
 def merged(method: str, updates, weights, density: float = 0.5, seed: int = 0, rnd: int = 1):
     aggregator = MergeAggregator(method, density, seed)
     aggregator.begin(rnd)
