@@ -37,7 +37,8 @@ mutation: install
 	$(BIN)/python -m pip install --quiet -e ".[mutation]"
 	$(BIN)/python benchmarks/mutation.py
 
-# Regenerate the tables in benchmarks/results/ (hours on 2 cores).
+# Run the benchmark entries benchmarks/results/ lacks, then rewrite its tables (hours on
+# 2 cores for a full set; a script's --redo runs its stored entries again).
 bench: install
 	$(BIN)/python benchmarks/client_overhead.py
 	$(BIN)/python benchmarks/server_aggregation.py

@@ -13,21 +13,20 @@ trimmed mean (20% each side), Krum (f = 1) and norm bounding (clip-norm 5, about
 an honest update's norm) on real Flower simulations: 4 rounds of 15 local steps,
 MiniLM LoRA r=8, sequences of 32 tokens, 500 held-out test sentences. A NaN
 update is rejected by the server's validation before any rule sees it, so that
-attack is run once, with FedAvg. Writes ``benchmarks/results/byzantine.md`` and
-``.json``.
+attack is run once, with FedAvg. Each entry is ``ATTACK/RULE``; writes
+``benchmarks/results/byzantine.md`` and ``.json``.
 
-    python benchmarks/byzantine.py [--attacks none,sign-flip] [--rules mean,median]
+    python benchmarks/byzantine.py [--only 'sign-flip/*,*/median'] [--redo]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
-from pathlib import Path
 
+import harness
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,7 +39,6 @@ from fedelta.client import app as fedelta_client  # noqa: E402
 from fedelta.config import RunConfig  # noqa: E402
 from fedelta.simulations import simulate  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 NUM_SITES = 5
 BYZANTINE = frozenset({0})
 """Partition ids of the attackers: 20% of the sites."""
@@ -54,6 +52,7 @@ RULES = {
 }
 RULE_AGNOSTIC = frozenset({"nan"})
 """Attacks the server's validation stops before aggregation: run with FedAvg only."""
+RUNS = [f"{a}/{r}" for a in ATTACKS for r in RULES if a not in RULE_AGNOSTIC or r == "mean"]
 BASE = {
     "num-server-rounds": 4,
     "local-steps": 15,
@@ -98,43 +97,40 @@ def attacking_app(attack: str) -> ClientApp:
     return fedelta_client.with_train(train)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--attacks", default=",".join(ATTACKS))
-    parser.add_argument("--rules", default=",".join(RULES))
-    args = parser.parse_args()
-    attacks, rules = args.attacks.split(","), args.rules.split(",")
-    if set(attacks) - set(ATTACKS) or set(rules) - RULES.keys():
-        parser.error(f"attacks: {', '.join(ATTACKS)}; rules: {', '.join(RULES)}")
+def run(name: str, args: argparse.Namespace) -> dict:
+    """One real Flower simulation of ``ATTACK/RULE``."""
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    saved = RESULTS / "byzantine.json"
-    results = json.loads(saved.read_text()) if saved.exists() else {}
+    attack, rule = name.split("/")
     with tempfile.TemporaryDirectory() as tmp:
-        for attack in attacks:
-            for rule in rules:
-                if attack in RULE_AGNOSTIC and rule != "mean":
-                    continue
-                config = RunConfig().replace(
-                    **BASE, **RULES[rule], **{"output-dir": f"{tmp}/{attack}-{rule}"}
-                )
-                result = simulate(config, client_app=attacking_app(attack), progress=False)
-                last = result.rows[-1]
-                results[f"{attack}/{rule}"] = {
-                    "accuracy": [r.get("test-accuracy") for r in result.rows],
-                    "rejected": result.summary["total-rejected"],
-                    "clipped": sum(r.get("clients-clipped", 0) for r in result.rows),
-                    "wall-seconds": result.summary["wall-seconds"],
-                }
-                print(attack, rule, last.get("test-accuracy"), flush=True)
-                RESULTS.mkdir(exist_ok=True)
-                saved.write_text(json.dumps(results, indent=1) + "\n")
-    write_table(results)
+        config = RunConfig().replace(
+            **BASE, **RULES[rule], **{"output-dir": f"{tmp}/{attack}-{rule}"}
+        )
+        result = simulate(config, client_app=attacking_app(attack), progress=False)
+    return {
+        "accuracy": [r.get("test-accuracy") for r in result.rows],
+        "rejected": result.summary["total-rejected"],
+        "clipped": sum(r.get("clients-clipped", 0) for r in result.rows),
+        "wall-seconds": result.summary["wall-seconds"],
+    }
 
 
-def write_table(results: dict) -> None:
+def table(results: dict, args: argparse.Namespace) -> str:
     """Final test accuracy per attack (rows) and rule (columns)."""
+    rows = []
+    for attack in ATTACKS:
+        cells = [attack]
+        for rule in RULES:
+            result = results.get(f"{attack}/{'mean' if attack in RULE_AGNOSTIC else rule}")
+            if result is None:
+                cells.append("-")
+                continue
+            cell = f"{result['accuracy'][-1]:.3f}"
+            if result["rejected"]:
+                cell += f" ({result['rejected']} rejected)"
+            cells.append(cell)
+        rows.append(cells)
     lines = [
         "# Byzantine clients: final test accuracy after 4 rounds",
         "",
@@ -144,27 +140,13 @@ def write_table(results: dict) -> None:
         "`(k rejected)`: updates the server's validation refused over the run; a NaN update",
         "never reaches a rule, so that attack is the same for all of them (run with mean).",
         "",
-        "| attack | " + " | ".join(RULES) + " |",
-        "| --- |" + " --- |" * len(RULES),
+        harness.markdown_table(["attack", *RULES], rows, spaced_rule=True),
     ]
-    for attack in ATTACKS:
-        cells = []
-        for rule in RULES:
-            key = "mean" if attack in RULE_AGNOSTIC else rule
-            run = results.get(f"{attack}/{key}")
-            if run is None:
-                cells.append("-")
-                continue
-            cell = f"{run['accuracy'][-1]:.3f}"
-            if run["rejected"]:
-                cell += f" ({run['rejected']} rejected)"
-            cells.append(cell)
-        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
     start = next(iter(results.values()))["accuracy"][0] if results else None
     if start is not None:
         lines += ["", f"Round 0 (before training): {start:.3f}."]
-    (RESULTS / "byzantine.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    harness.main("byzantine", __doc__, RUNS, run, table, indent=1)

@@ -8,19 +8,21 @@ handler with a real Flower Message, exactly what a SuperNode runs per round:
 decode the global state, load it into the cached model, train, compute and encode
 the delta, build the reply. The bare side is what one writes by hand:
 ``get_peft_model``, a shuffling DataLoader, forward / backward / step. The two
-alternate, ``--repeats`` times each; the table reports medians.
+alternate, ``--repeats`` times each; the table reports medians. One entry per
+number of local steps (``STEPS``).
 
-    python benchmarks/client_overhead.py        # writes results/client_overhead.{json,md}
+    python benchmarks/client_overhead.py [--only 25] [--repeats 5]   # results/client_overhead.*
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import statistics
 import time
-from pathlib import Path
+
+import harness
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,8 +43,9 @@ from fedelta.models import resolve_model_path  # noqa: E402
 from fedelta.protocol import Site  # noqa: E402
 from fedelta.seeding import derive_seed  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 NUM_SITES = 8
+STEPS = (5, 25)
+"""Local steps of each entry (its name)."""
 
 
 def fedelta_round(config: RunConfig, steps: int, server_round: int) -> float:
@@ -129,55 +132,83 @@ class BareLoop:
         return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[5, 25])
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+@functools.cache
+def warm_setup() -> tuple[RunConfig, BareLoop]:
+    """The default config and the bare loop, both sides warmed up (model builds, data,
+    allocator); once per process."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     config = RunConfig()
     bare = BareLoop(config)
-    fedelta_round(config, 1, 1)  # warm up both: model builds, data, allocator
+    fedelta_round(config, 1, 1)
     bare.round(1, 0)
-    rows = []
-    for steps in args.steps:
-        times: dict[str, list[float]] = {"bare": [], "fedelta": []}
-        for repeat in range(args.repeats):
-            # Round r of client 0 shuffles with this seed in fedelta: the same batches.
-            seed = derive_seed(config.seed, repeat + 1, 0)
-            times["bare"].append(bare.round(steps, seed))
-            times["fedelta"].append(fedelta_round(config, steps, repeat + 1))
-            print(steps, repeat, {k: round(v[-1], 3) for k, v in times.items()}, flush=True)
-        bare_s, fedelta_s = (statistics.median(times[k]) for k in ("bare", "fedelta"))
-        rows.append(
-            {
-                "steps": steps,
-                "bare-s": round(bare_s, 3),
-                "fedelta-s": round(fedelta_s, 3),
-                "bare-s-per-step": round(bare_s / steps, 4),
-                "fedelta-s-per-step": round(fedelta_s / steps, 4),
-                "overhead-pct": round(100 * (fedelta_s / bare_s - 1), 1),
-                "times": times,
-            }
-        )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "client_overhead.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = [
-        f"Client round, median of {args.repeats} (2 CPU threads, MiniLM LoRA r=8, batch 16, "
-        "max length 64):",
-        "",
-        "| local steps | bare peft + torch (s) | fedelta ClientApp (s) | s/step bare | "
-        "s/step fedelta | overhead |",
-        "|---:|---:|---:|---:|---:|---:|",
+    return config, bare
+
+
+def run(name: str, args: argparse.Namespace) -> dict:
+    """Both sides ``args.repeats`` times, alternating, for ``name`` local steps."""
+    config, bare = warm_setup()
+    steps = int(name)
+    times: dict[str, list[float]] = {"bare": [], "fedelta": []}
+    for repeat in range(args.repeats):
+        # Round r of client 0 shuffles with this seed in fedelta: the same batches.
+        seed = derive_seed(config.seed, repeat + 1, 0)
+        times["bare"].append(bare.round(steps, seed))
+        times["fedelta"].append(fedelta_round(config, steps, repeat + 1))
+        print(steps, repeat, {k: round(v[-1], 3) for k, v in times.items()}, flush=True)
+    bare_s, fedelta_s = (statistics.median(times[k]) for k in ("bare", "fedelta"))
+    return {
+        "steps": steps,
+        "bare-s": round(bare_s, 3),
+        "fedelta-s": round(fedelta_s, 3),
+        "bare-s-per-step": round(bare_s / steps, 4),
+        "fedelta-s-per-step": round(fedelta_s / steps, 4),
+        "overhead-pct": round(100 * (fedelta_s / bare_s - 1), 1),
+        "times": times,
+    }
+
+
+def table(results: dict, args: argparse.Namespace) -> str:
+    """Median seconds per round and per step of both sides, and fedelta's overhead."""
+    repeats = "/".join(map(str, sorted({len(r["times"]["bare"]) for r in results.values()})))
+    header = ["local steps", "bare peft + torch (s)", "fedelta ClientApp (s)", "s/step bare"]
+    header += ["s/step fedelta", "overhead"]
+    rows = [
+        [
+            r["steps"],
+            f"{r['bare-s']:.2f}",
+            f"{r['fedelta-s']:.2f}",
+            f"{r['bare-s-per-step']:.3f}",
+            f"{r['fedelta-s-per-step']:.3f}",
+            f"{r['overhead-pct']:+.1f}%",
+        ]
+        for r in results.values()
     ]
-    lines += [
-        f"| {r['steps']} | {r['bare-s']:.2f} | {r['fedelta-s']:.2f} | {r['bare-s-per-step']:.3f}"
-        f" | {r['fedelta-s-per-step']:.3f} | {r['overhead-pct']:+.1f}% |"
-        for r in rows
-    ]
-    (RESULTS / "client_overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(
+        [
+            f"Client round, median of {repeats} (2 CPU threads, MiniLM LoRA r=8, batch 16, "
+            "max length 64):",
+            "",
+            harness.markdown_table(header, rows, align="rrrrrr"),
+        ]
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="rounds of each side per entry (default: %(default)s)",
+    )
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(
+        "client_overhead",
+        __doc__,
+        map(str, STEPS),
+        run,
+        table,
+        add_arguments=add_arguments,
+        records_key="steps",
+    )

@@ -14,10 +14,11 @@ the table is ``benchmarks/results/compression.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
+
+import harness
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -76,64 +77,54 @@ RUNS: dict[str, tuple[str, dict]] = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=",".join(RUNS), help="comma-separated run names")
-    parser.add_argument("--redo", action="store_true", help="re-run finished runs")
-    args = parser.parse_args()
-    names = [n for n in args.only.split(",") if n]
-    unknown = set(names) - RUNS.keys()
-    if unknown:
-        parser.error(f"unknown runs {sorted(unknown)}; known: {', '.join(RUNS)}")
-    saved = RESULTS / "compression.json"
-    results = json.loads(saved.read_text()) if saved.exists() else {}
+def run(name: str, args: argparse.Namespace) -> dict:
+    """One real Flower simulation of the default task with ``name``'s uploads."""
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            if name in results and not args.redo:
-                continue
-            overrides = {**BASE, **RUNS[name][1], "output-dir": f"{tmp}/{name}"}
-            config = load_config(ROOT / "examples" / "default.toml").replace(**overrides)
-            result = simulate(config, progress=False)
-            results[name] = {
-                "accuracy": [r.get("test-accuracy") for r in result.rows],
-                "bytes-up": result.summary["total-bytes-up"],
-                "bytes-down": result.summary["total-bytes-down"],
-                "wall-seconds": result.summary["wall-seconds"],
-                "peak-rss-mb": result.summary.get("peak-rss-mb"),
-                "overrides": RUNS[name][1],
-            }
-            print(name, results[name]["accuracy"][-1], results[name]["bytes-up"], flush=True)
-            RESULTS.mkdir(exist_ok=True)
-            saved.write_text(json.dumps(results, indent=1) + "\n")
-    write_table(results)
+        overrides = {**BASE, **RUNS[name][1], "output-dir": f"{tmp}/{name}"}
+        config = load_config(ROOT / "examples" / "default.toml").replace(**overrides)
+        result = simulate(config, progress=False)
+    return {
+        "accuracy": [r.get("test-accuracy") for r in result.rows],
+        "bytes-up": result.summary["total-bytes-up"],
+        "bytes-down": result.summary["total-bytes-down"],
+        "wall-seconds": result.summary["wall-seconds"],
+        "peak-rss-mb": result.summary.get("peak-rss-mb"),
+        "overrides": RUNS[name][1],
+    }
 
 
-def write_table(results: dict) -> None:
+def table(results: dict, args: argparse.Namespace) -> str:
+    """Final and best accuracy, bytes each way and wall time per run."""
     dense = results.get("dense")
-    lines = [
-        "# Uplink compression on the default task",
-        "",
-        "`examples/default.toml`: 8 Dirichlet(0.5) sites, 5 rounds x 25 local steps, MiniLM,",
-        "LoRA r=8 (full-weight runs: no adapter, lr 2e-4), FedAvg, federated evaluation off.",
-        "Bytes: serialized Flower messages over the whole run (the byte ledger). Regenerate:",
-        "`python benchmarks/compression.py`.",
-        "",
-        "| run | final acc | best acc | uplink | x fewer than dense | downlink | wall |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, (label, _) in RUNS.items():
-        run = results.get(name)
-        if run is None:
-            continue
-        ratio = f"{dense['bytes-up'] / run['bytes-up']:.1f}" if dense else "-"
-        acc = [a for a in run["accuracy"] if a is not None]
-        lines.append(
-            f"| {label} | {acc[-1]:.3f} | {max(acc[1:]):.3f} | {format_bytes(run['bytes-up'])} "
-            f"| {ratio} | {format_bytes(run['bytes-down'])} | {run['wall-seconds'] / 60:.1f} min |"
+    rows = []
+    for name, result in results.items():
+        ratio = f"{dense['bytes-up'] / result['bytes-up']:.1f}" if dense else "-"
+        acc = [a for a in result["accuracy"] if a is not None]
+        rows.append(
+            [
+                RUNS[name][0],
+                f"{acc[-1]:.3f}",
+                f"{max(acc[1:]):.3f}",
+                format_bytes(result["bytes-up"]),
+                ratio,
+                format_bytes(result["bytes-down"]),
+                f"{result['wall-seconds'] / 60:.1f} min",
+            ]
         )
-    (RESULTS / "compression.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    header = ["run", "final acc", "best acc", "uplink", "x fewer than dense", "downlink", "wall"]
+    return "\n".join(
+        [
+            "# Uplink compression on the default task",
+            "",
+            "`examples/default.toml`: 8 Dirichlet(0.5) sites, 5 rounds x 25 local steps, MiniLM,",
+            "LoRA r=8 (full-weight runs: no adapter, lr 2e-4), FedAvg, federated evaluation off.",
+            "Bytes: serialized Flower messages over the whole run (the byte ledger). Regenerate:",
+            "`python benchmarks/compression.py`.",
+            "",
+            harness.markdown_table(header, rows, spaced_rule=True),
+        ]
+    )
 
 
 if __name__ == "__main__":
-    main()
+    harness.main("compression", __doc__, RUNS, run, table, indent=1)

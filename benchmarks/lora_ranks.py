@@ -5,24 +5,24 @@ Rotten Tomatoes (Dirichlet 0.5 label skew); every LoRA rule runs the same rounds
 from the same seed. Writes a Markdown table of test accuracy per round and bytes
 per round to ``benchmarks/results/lora_ranks.md`` (and the raw rows as JSON).
 
-    python benchmarks/lora_ranks.py [--rounds 4] [--rules naive,ffa,fedex,flora]
+    python benchmarks/lora_ranks.py [--rounds 4] [--only naive,ffa,fedex,flora]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
+
+import harness
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedelta.config import RunConfig  # noqa: E402
 from fedelta.simulations import simulate  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
-VARIANTS = {
+RUNS = {
     "naive": {"strategy.lora": "naive"},
     "ffa": {"strategy.lora": "ffa"},
     "fedex": {"strategy.lora": "fedex"},
@@ -46,29 +46,22 @@ def base_config(rounds: int, out: Path) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--rules", default=",".join(VARIANTS))
-    args = parser.parse_args()
-    RESULTS.mkdir(exist_ok=True)
-    runs = {}
+def run(name: str, args: argparse.Namespace) -> list[dict]:
+    """The metrics rows (round 0 first) of a Flower simulation with rule ``name``."""
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.rules.split(","):
-            flat = base_config(args.rounds, Path(tmp) / name) | VARIANTS[name]
-            result = simulate(RunConfig.from_flat(flat), progress=False)
-            runs[name] = result.rows
-            print(name, [r.get("test-accuracy") for r in result.rows], flush=True)
-    (RESULTS / "lora_ranks.json").write_text(json.dumps(runs, indent=1) + "\n")
-    (RESULTS / "lora_ranks.md").write_text(format_table(runs, args.rounds) + "\n")
-    print(format_table(runs, args.rounds))
+        flat = base_config(args.rounds, Path(tmp) / name) | RUNS[name]
+        rows = simulate(RunConfig.from_flat(flat), progress=False).rows
+    print(name, [r.get("test-accuracy") for r in rows], flush=True)
+    return rows
 
 
-def format_table(runs: dict[str, list[dict]], rounds: int) -> str:
+def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
+    """Accuracy per round, mean bytes per round, mean projection and fold errors."""
+    rounds = max(len(rows) for rows in results.values()) - 1
     header = ["rule", *(f"acc r{i}" for i in range(rounds + 1))]
     header += ["MB up / round", "MB down / round", "rank-proj. error", "fold error"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, rows in runs.items():
+    body = []
+    for name, rows in results.items():
         trained = [r for r in rows if r["round"] > 0]
         cells = [name] + [f"{r['test-accuracy']:.3f}" for r in rows]
         cells.append(f"{sum(r['bytes-up'] for r in trained) / len(trained) / 1e6:.2f}")
@@ -76,9 +69,15 @@ def format_table(runs: dict[str, list[dict]], rounds: int) -> str:
         for key in ("rank-projection-error", "fold-error"):
             values = [r[key] for r in trained if key in r]
             cells.append(f"{sum(values) / len(values):.3f}" if values else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return harness.markdown_table(header, body)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="server rounds per entry (default: %(default)s)"
+    )
 
 
 if __name__ == "__main__":
-    main()
+    harness.main("lora_ranks", __doc__, RUNS, run, table, add_arguments=add_arguments, indent=1)

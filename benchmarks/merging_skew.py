@@ -17,10 +17,11 @@ Writes ``benchmarks/results/merging_skew.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
+
+import harness
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -29,7 +30,6 @@ from fedelta.merging.layers import scheme_for  # noqa: E402
 from fedelta.merging.rounds import merge_rounds  # noqa: E402
 from fedelta.simulations.in_process import federate  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 DEFAULT = Path(__file__).parent.parent / "examples" / "default.toml"
 
 RUNS = {
@@ -53,7 +53,8 @@ EXPORTS = {
 }
 
 
-def run(name: str) -> dict:
+def run(name: str, args: argparse.Namespace) -> dict:
+    """The federation of ``name`` and its export under each merge across rounds."""
     config = load_config(DEFAULT).replace(
         **{"data.dirichlet-alpha": 0.1, "fraction-evaluate": 0.0, **RUNS[name]}
     )
@@ -80,40 +81,22 @@ def run(name: str) -> dict:
     }
 
 
-def table(results: dict) -> str:
-    rounds = len(next(iter(results.values()))["rounds"]) - 1
-    head = "| aggregation | " + " | ".join(f"r{r}" for r in range(1, rounds + 1))
-    lines = [head + " | best | final loss |", "|---" * (rounds + 3) + "|"]
-    for name, r in results.items():
-        accs = [row["accuracy"] for row in r["rounds"][1:]]
-        cells = " | ".join(f"{a:.3f}" for a in accs)
-        lines.append(f"| {name} | {cells} | {max(accs):.3f} | {r['rounds'][-1]['loss']:.3f} |")
-    lines += [
-        "",
-        "| aggregation | " + " | ".join(EXPORTS) + " |",
-        "|---" * (len(EXPORTS) + 1) + "|",
+def table(results: dict, args: argparse.Namespace) -> str:
+    """Accuracy per round, then the export under each merge across rounds."""
+    rounds = max(len(r["rounds"]) for r in results.values()) - 1
+    per_round = [[name, *harness.curve_cells(r["rounds"])] for name, r in results.items()]
+    exports = [
+        [name, *(f"{r['exports'][e]['accuracy']:.3f}" for e in EXPORTS)]
+        for name, r in results.items()
     ]
-    for name, r in results.items():
-        cells = " | ".join(f"{r['exports'][e]['accuracy']:.3f}" for e in EXPORTS)
-        lines.append(f"| {name} | {cells} |")
-    return "\n".join(lines) + "\n"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help="comma-separated run names (default: all)")
-    args = parser.parse_args()
-    names = args.only.split(",") if args.only else list(RUNS)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "merging_skew.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    for name in names:
-        results[name] = run(name)
-        path.write_text(json.dumps(results, indent=2) + "\n")
-    ordered = {n: results[n] for n in RUNS if n in results}
-    (RESULTS / "merging_skew.md").write_text(table(ordered))
-    print(table(ordered))
+    return "\n".join(
+        [
+            harness.markdown_table(["aggregation", *harness.curve_header(rounds)], per_round),
+            "",
+            harness.markdown_table(["aggregation", *EXPORTS], exports),
+        ]
+    )
 
 
 if __name__ == "__main__":
-    main()
+    harness.main("merging_skew", __doc__, RUNS, run, table)

@@ -8,7 +8,7 @@ prints its diff). A timeout counts as killed: the mutant made the tests hang, wh
 notice. Re-running continues where mutmut left off (its cache lives in ``mutants/``).
 
     python benchmarks/mutation.py                 # run, then write the table
-    python benchmarks/mutation.py --report-only   # table from the last run
+    python benchmarks/mutation.py --report-only   # table from mutation.json
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
+import harness
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 DETECTED = {"killed", "timeout", "caught by type check"}
 UNDETECTED = {"survived", "no tests", "suspicious", "segfault"}
 
@@ -45,73 +47,80 @@ def read_results() -> dict[str, dict[str, str]]:
     return results
 
 
-def table(results: dict[str, dict[str, str]]) -> tuple[str, dict]:
-    """Markdown table per module plus a total row, and the same as JSON."""
-    rows, total = [], Counter()
-    survivors: dict[str, list[str]] = {}
-    lines = [
-        "| module | mutants | killed | survived | no tests | timeout | score |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+def summary(results: dict[str, dict[str, str]]) -> dict:
+    """Counts per status for each module and in total, and every undetected mutant."""
+    modules, total = [], Counter()
     for source, statuses in results.items():
         counts = Counter(statuses.values())
         total.update(counts)
-        rows.append({"module": source, **counts})
-        survivors[source] = sorted(n for n, s in statuses.items() if s in UNDETECTED)
-        lines.append(_row(source, counts))
-    lines.append(_row("**all**", total))
-    payload = {"modules": rows, "total": dict(total), "survivors": survivors}
-    return "\n".join(lines) + "\n", payload
+        modules.append({"module": source, **counts})
+    survivors = {
+        source: sorted(name for name, status in statuses.items() if status in UNDETECTED)
+        for source, statuses in results.items()
+    }
+    return {"modules": modules, "total": dict(total), "survivors": survivors}
 
 
-def _row(label: str, counts: Counter) -> str:
-    detected = sum(counts[s] for s in DETECTED)
-    judged = detected + sum(counts[s] for s in UNDETECTED)
-    score = f"{100 * detected / judged:.1f}%" if judged else "n/a"
-    return (
-        f"| {label} | {judged} | {counts['killed']} | {counts['survived']} | "
-        f"{counts['no tests']} | {counts['timeout']} | {score} |"
-    )
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--report-only", action="store_true", help="skip `mutmut run`")
-    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
-    args = parser.parse_args()
-    if not args.report_only:
-        # mutmut forks each mutant's test run from a warm process: one torch thread, so
-        # no thread pool held across the fork deadlocks the child (a false timeout).
-        env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "HYPOTHESIS_PROFILE": "mutation",
-        }
-        mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
-        subprocess.run(mutmut, cwd=ROOT, env=env, check=True)
+def run(args: argparse.Namespace) -> dict:
+    """``mutmut run``, then the summary of its results."""
+    # mutmut forks each mutant's test run from a warm process: one torch thread, so
+    # no thread pool held across the fork deadlocks the child (a false timeout).
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "HYPOTHESIS_PROFILE": "mutation",
+    }
+    mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
+    subprocess.run(mutmut, cwd=ROOT, env=env, check=True)
     results = read_results()
     if not results:
-        print("no mutmut results under mutants/: run without --report-only", file=sys.stderr)
-        return 1
-    markdown, payload = table(results)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    survivors = "".join(
-        f"- `{name}`\n" for names in payload["survivors"].values() for name in names
+        raise SystemExit("mutmut left no results under mutants/")
+    return summary(results)
+
+
+def table(result: dict, args: argparse.Namespace) -> str:
+    """The score per module and in total, then the surviving mutants."""
+    rows = [_row(module["module"], module) for module in result["modules"]]
+    rows.append(_row("**all**", result["total"]))
+    header = ["module", "mutants", "killed", "survived", "no tests", "timeout", "score"]
+    survivors = [f"- `{n}`" for names in result["survivors"].values() for n in names]
+    return "\n".join(
+        [
+            "# Mutation score of the numeric and validation core",
+            "",
+            "`make mutation` (mutmut, the fast tests). A timeout counts as killed.",
+            "",
+            harness.markdown_table(header, rows, align="lrrrrrr"),
+            "",
+            "## Surviving mutants",
+            "",
+            "`mutmut show NAME` prints each one's diff.",
+            "",
+            *(survivors or ["none"]),
+        ]
     )
-    (RESULTS / "mutation.md").write_text(
-        "# Mutation score of the numeric and validation core\n\n"
-        "`make mutation` (mutmut, the fast tests). A timeout counts as killed.\n\n"
-        + markdown
-        + "\n## Surviving mutants\n\n`mutmut show NAME` prints each one's diff.\n\n"
-        + (survivors or "none\n")
+
+
+def _row(label: str, counts: Mapping[str, int]) -> list[str]:
+    """A table row from the number of mutants per status (absent statuses: none)."""
+    detected = sum(counts.get(s, 0) for s in DETECTED)
+    judged = detected + sum(counts.get(s, 0) for s in UNDETECTED)
+    score = f"{100 * detected / judged:.1f}%" if judged else "n/a"
+    shown = [counts.get(s, 0) for s in ("killed", "survived", "no tests", "timeout")]
+    return [label, str(judged), *map(str, shown), score]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-children",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="mutants run at once (default: %(default)s)",
     )
-    (RESULTS / "mutation.json").write_text(json.dumps(payload, indent=2) + "\n")
-    print(markdown)
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    harness.main_single("mutation", __doc__, run, table, add_arguments=add_arguments)

@@ -27,19 +27,17 @@ Runs in parallel processes append to the same results under a file lock. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import harness
 
-from filelock import FileLock  # noqa: E402
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedelta.config import load_config  # noqa: E402
 from fedelta.simulations.in_process import federate  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 DEFAULT = Path(__file__).parent.parent / "examples" / "default.toml"
 SEEDED = {"privacy.seeded-noise": True}
 
@@ -62,7 +60,8 @@ for _eps in (8, 3, 1):
 """Name to config overrides of the default task."""
 
 
-def run(name: str) -> dict:
+def run(name: str, args: argparse.Namespace) -> dict:
+    """The federation of ``name``: accuracy, loss and epsilon after every round."""
     overrides = {**RUNS[name], **(SEEDED if RUNS[name] else {})}
     config = load_config(DEFAULT).replace(**{"fraction-evaluate": 0.0, **overrides})
     started = time.monotonic()
@@ -84,38 +83,16 @@ def run(name: str) -> dict:
     }
 
 
-def table(results: dict) -> str:
+def table(results: dict, args: argparse.Namespace) -> str:
+    """Epsilon spent, accuracy per round, best accuracy and final loss per run."""
     rounds = max(len(r["rounds"]) for r in results.values()) - 1
-    head = "| run | epsilon (delta 1e-5) | " + " | ".join(f"r{i}" for i in range(1, rounds + 1))
-    lines = [head + " | best | final loss |", "|---" * (rounds + 4) + "|"]
+    rows = []
     for name, r in results.items():
-        accs = [row["accuracy"] for row in r["rounds"][1:]]
         eps = r["rounds"][-1]["epsilon"]
-        cells = " | ".join(f"{a:.3f}" for a in accs)
-        eps_cell = "-" if eps is None else f"{eps:.2f}"
-        lines.append(
-            f"| {name} | {eps_cell} | {cells} | {max(accs):.3f} | {r['rounds'][-1]['loss']:.3f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help="comma-separated run names (default: all)")
-    args = parser.parse_args()
-    names = args.only.split(",") if args.only else list(RUNS)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "privacy.json"
-    for name in names:
-        result = run(name)
-        with FileLock(str(path) + ".lock"):
-            results = json.loads(path.read_text()) if path.is_file() else {}
-            results[name] = result
-            path.write_text(json.dumps(results, indent=2) + "\n")
-            ordered = {n: results[n] for n in RUNS if n in results}
-            (RESULTS / "privacy.md").write_text(table(ordered))
-    print(table(ordered))
+        rows.append([name, "-" if eps is None else f"{eps:.2f}", *harness.curve_cells(r["rounds"])])
+    header = ["run", "epsilon (delta 1e-5)", *harness.curve_header(rounds)]
+    return harness.markdown_table(header, rows)
 
 
 if __name__ == "__main__":
-    main()
+    harness.main("privacy", __doc__, RUNS, run, table)

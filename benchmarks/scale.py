@@ -9,22 +9,19 @@ time of the first round (which also asks every node for its site once), the mean
 of the later rounds, and the peak resident memory of the whole simulation (this
 process plus Ray's workers). Each case runs in a fresh process.
 
-    python benchmarks/scale.py                 # writes results/scale.{json,md}
+    python benchmarks/scale.py [--only '100*']  # writes results/scale.{json,md}
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
-CASES = {
+import harness
+
+RUNS = {
     "100 clients, 10 sampled": {"simulation.num-supernodes": 100, "fraction-train": 0.1},
     "10 clients, all sampled": {"simulation.num-supernodes": 10, "fraction-train": 1.0},
 }
@@ -33,17 +30,18 @@ ALPHA = 1.0
 
 
 def measure(name: str, rounds: int, steps: int) -> dict:
+    """In this process: the simulation of case ``name``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from fedelta.config import RunConfig
     from fedelta.simulations import simulate
 
     with tempfile.TemporaryDirectory() as out:
         config = RunConfig().replace(
-            **CASES[name],
+            **RUNS[name],
             **{
                 "num-server-rounds": rounds,
                 "local-steps": steps,
-                "fraction-evaluate": CASES[name]["fraction-train"],
+                "fraction-evaluate": RUNS[name]["fraction-train"],
                 "data.dirichlet-alpha": ALPHA,
                 "output-dir": out,
             },
@@ -60,44 +58,48 @@ def measure(name: str, rounds: int, steps: int) -> dict:
     }
 
 
-def main() -> None:
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
-        print(json.dumps(measure(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
-        return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--local-steps", type=int, default=10)
-    args = parser.parse_args()
-    results = {}
-    for name in CASES:
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", name, str(args.rounds), str(args.local_steps)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        results[name] = json.loads(out.strip().splitlines()[-1])
-        print(name, results[name], flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = [
-        f"Default task (MiniLM LoRA r=8), Dirichlet({ALPHA:g}) sites, {args.rounds} rounds x "
-        f"{args.local_steps} local steps, batch 16, 2 CPU cores, one Ray worker (client-cpus 2):",
-        "",
-        "| simulation | trained per round | first round s | later rounds s (mean) | "
-        "peak RSS MB (all processes) | total s | final acc |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+def run(name: str, args: argparse.Namespace) -> dict:
+    """Case ``name`` in a fresh process."""
+    return harness.fresh_process(measure, name, args.rounds, args.local_steps)
+
+
+def table(results: dict, args: argparse.Namespace) -> str:
+    """Round times, peak memory and final accuracy per case."""
+    rows = []
     for name, r in results.items():
         first, *later = r["round-seconds"]
-        lines.append(
-            f"| {name} | {min(r['replied'])}-{max(r['replied'])} | {first:.1f} | "
-            f"{statistics.fmean(later):.1f} | {r['peak-rss-mb']:.0f} | "
-            f"{r['wall-seconds']:.0f} | {r['final-test-accuracy']:.3f} |"
+        rows.append(
+            [
+                name,
+                f"{min(r['replied'])}-{max(r['replied'])}",
+                f"{first:.1f}",
+                f"{statistics.fmean(later):.1f}",
+                f"{r['peak-rss-mb']:.0f}",
+                f"{r['wall-seconds']:.0f}",
+                f"{r['final-test-accuracy']:.3f}",
+            ]
         )
-    (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    header = ["simulation", "trained per round", "first round s", "later rounds s (mean)"]
+    header += ["peak RSS MB (all processes)", "total s", "final acc"]
+    return "\n".join(
+        [
+            f"Default task (MiniLM LoRA r=8), Dirichlet({ALPHA:g}) sites, {args.rounds} rounds x "
+            f"{args.local_steps} local steps, batch 16, 2 CPU cores, one Ray worker "
+            "(client-cpus 2):",
+            "",
+            harness.markdown_table(header, rows, align="lrrrrrr"),
+        ]
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="server rounds per case (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--local-steps", type=int, default=10, help="local steps per round (default: %(default)s)"
+    )
 
 
 if __name__ == "__main__":
-    main()
+    harness.main("scale", __doc__, RUNS, run, table, add_arguments=add_arguments)

@@ -10,7 +10,8 @@ it (names, shapes, dtypes, finite values), fold it into the strategy, drop it; t
 ``finish_round``. Time counts only aggregation work (decoding and folding for
 fedelta, ``aggregate_arrayrecords`` for Flower), not making the replies; peak
 memory is the process's resident memory above the level before the round, for
-the whole round (holding replies included). Each cell runs in a fresh process.
+the whole round (holding replies included). Each cell runs in a fresh process;
+each entry is one aggregation path, over every number of clients.
 
     python benchmarks/server_aggregation.py   # writes results/server_aggregation.{json,md}
 """
@@ -18,16 +19,14 @@ the whole round (holding replies included). Each cell runs in a fresh process.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
+import statistics
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+import harness
+
 CLIENTS = (10, 50, 100)
-CASES = {
+RUNS = {
     "flower aggregate_arrayrecords": None,
     "fedelta fedavg+naive": {},
     "fedelta fedadam+ffa": {"strategy.name": "fedadam", "strategy.lora": "ffa"},
@@ -54,7 +53,7 @@ def measure(name: str, clients: int) -> dict:
     from fedelta.server.validation import read_update
     from fedelta.simulations.simulate import PeakMemory
 
-    overrides = CASES[name]
+    overrides = RUNS[name]
     config = RunConfig().replace(**(overrides or {}))
     built = cached_model(model_spec(config, 2))
     strategy = build_strategy(config)
@@ -102,48 +101,42 @@ def measure(name: str, clients: int) -> dict:
     return {"seconds": seconds, "peak-mb": (memory.peak_bytes - baseline) / 1e6}
 
 
-def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        name, clients = json.loads(sys.argv[2])
-        print(json.dumps(measure(name, clients)))
-        return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per cell")
-    args = parser.parse_args()
-    results: dict[str, dict[int, dict]] = {}
-    for name in CASES:
-        for clients in CLIENTS:
-            runs = []
-            for _ in range(args.repeats):
-                out = subprocess.run(
-                    [sys.executable, __file__, "--child", json.dumps([name, clients])],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                ).stdout
-                runs.append(json.loads(out.strip().splitlines()[-1]))
-            cell = {
-                "seconds": sorted(r["seconds"] for r in runs)[len(runs) // 2],
-                "peak-mb": sorted(r["peak-mb"] for r in runs)[len(runs) // 2],
-            }
-            results.setdefault(name, {})[clients] = cell
-            print(name, clients, cell, flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "server_aggregation.json").write_text(json.dumps(results, indent=2) + "\n")
-    head = " | ".join(f"{n} clients: s / peak MB" for n in CLIENTS)
-    lines = [
-        f"One round, median of {args.repeats} fresh processes per cell (2 CPU cores):",
-        "",
-        f"| aggregation | {head} | memory 100/10 |",
-        "|---|" + "---:|" * (len(CLIENTS) + 1),
-    ]
-    for name, cells in results.items():
-        parts = [f"{cells[n]['seconds']:.3f} / {cells[n]['peak-mb']:.1f}" for n in CLIENTS]
-        growth = cells[CLIENTS[-1]]["peak-mb"] / max(cells[CLIENTS[0]]["peak-mb"], 1.0)
-        lines.append(f"| {name} | " + " | ".join(parts) + f" | {growth:.1f}x |")
-    (RESULTS / "server_aggregation.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+def run(name: str, args: argparse.Namespace) -> dict[str, dict]:
+    """Per number of clients: the median time and peak memory of ``args.repeats`` fresh
+    processes."""
+    cells = {}
+    for clients in CLIENTS:
+        samples = [harness.fresh_process(measure, name, clients) for _ in range(args.repeats)]
+        cells[str(clients)] = {
+            key: statistics.median_high(s[key] for s in samples) for key in ("seconds", "peak-mb")
+        }
+        print(name, clients, cells[str(clients)], flush=True)
+    return cells
+
+
+def table(results: dict, args: argparse.Namespace) -> str:
+    """Seconds and peak MB per aggregation path and number of clients."""
+    rows = []
+    for name, by_clients in results.items():
+        cells = [by_clients[str(n)] for n in CLIENTS]  # JSON keys are strings
+        growth = cells[-1]["peak-mb"] / max(cells[0]["peak-mb"], 1.0)
+        parts = [f"{c['seconds']:.3f} / {c['peak-mb']:.1f}" for c in cells]
+        rows.append([name, *parts, f"{growth:.1f}x"])
+    header = ["aggregation", *(f"{n} clients: s / peak MB" for n in CLIENTS), "memory 100/10"]
+    return "\n".join(
+        [
+            f"One round, median of {args.repeats} fresh processes per cell (2 CPU cores):",
+            "",
+            harness.markdown_table(header, rows, align="l" + "r" * (len(CLIENTS) + 1)),
+        ]
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="fresh processes per cell (default: %(default)s)"
+    )
 
 
 if __name__ == "__main__":
-    main()
+    harness.main("server_aggregation", __doc__, RUNS, run, table, add_arguments=add_arguments)

