@@ -45,9 +45,9 @@ BYZANTINE = frozenset({0})
 ATTACKS = ("none", "sign-flip", "scale-100", "nan", "random")
 RULES = {
     "mean": {},
-    "median": {"strategy.robust": "median"},
-    "trimmed-mean": {"strategy.robust": "trimmed-mean", "strategy.trim-fraction": 0.2},
-    "krum": {"strategy.robust": "krum", "strategy.byzantine": 1},
+    "median": {"strategy.aggregator": "median"},
+    "trimmed-mean": {"strategy.aggregator": "trimmed-mean", "strategy.trim-fraction": 0.2},
+    "krum": {"strategy.aggregator": "krum", "strategy.byzantine": 1},
     "norm-bound": {"strategy.clip-norm": 5.0},
 }
 RULE_AGNOSTIC = frozenset({"nan"})

@@ -34,11 +34,11 @@ DEFAULT = Path(__file__).parent.parent / "examples" / "default.toml"
 
 RUNS = {
     "fedavg": {},
-    "ties": {"strategy.robust": "ties", "strategy.merge-density": 0.2},
-    "dare-ties": {"strategy.robust": "dare-ties", "strategy.merge-density": 0.5},
-    "magnitude-prune": {"strategy.robust": "magnitude-prune", "strategy.merge-density": 0.2},
+    "ties": {"strategy.aggregator": "ties", "strategy.merge-density": 0.2},
+    "dare-ties": {"strategy.aggregator": "dare-ties", "strategy.merge-density": 0.5},
+    "magnitude-prune": {"strategy.aggregator": "magnitude-prune", "strategy.merge-density": 0.2},
     "ties-on-products": {
-        "strategy.robust": "ties",
+        "strategy.aggregator": "ties",
         "strategy.merge-density": 0.2,
         "strategy.lora": "fedex",
     },

@@ -29,10 +29,10 @@ CLIENTS = (10, 50, 100)
 RUNS = {
     "flower aggregate_arrayrecords": None,
     "fedelta fedavg+naive": {},
-    "fedelta fedadam+ffa": {"strategy.name": "fedadam", "strategy.lora": "ffa"},
+    "fedelta fedadam+ffa": {"strategy.optimizer": "fedadam", "strategy.lora": "ffa"},
     "fedelta fedavg+fedex": {"strategy.lora": "fedex"},
     "fedelta fedavg+flora": {"strategy.lora": "flora"},
-    "fedelta fedavg+naive+median": {"strategy.robust": "median"},
+    "fedelta fedavg+naive+median": {"strategy.aggregator": "median"},
 }
 
 

@@ -25,11 +25,11 @@ from fedelta.simulations import simulate  # noqa: E402
 ROOT = Path(__file__).parents[1]
 RUNS = {
     "fedavg": {},
-    "fedavgm": {"strategy.name": "fedavgm"},
-    "fedavgm-lr0.1": {"strategy.name": "fedavgm", "strategy.server-lr": 0.1},
-    "fedadam": {"strategy.name": "fedadam"},
-    "fedadam-lr0.1": {"strategy.name": "fedadam", "strategy.server-lr": 0.1},
-    "fedyogi": {"strategy.name": "fedyogi"},
+    "fedavgm": {"strategy.optimizer": "fedavgm"},
+    "fedavgm-lr0.1": {"strategy.optimizer": "fedavgm", "strategy.server-lr": 0.1},
+    "fedadam": {"strategy.optimizer": "fedadam"},
+    "fedadam-lr0.1": {"strategy.optimizer": "fedadam", "strategy.server-lr": 0.1},
+    "fedyogi": {"strategy.optimizer": "fedyogi"},
 }
 """Variant name to config overrides (unset server-lr: the optimizer's default)."""
 
