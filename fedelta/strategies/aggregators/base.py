@@ -17,6 +17,11 @@ import torch
 from fedelta.strategies.base import EmptyRoundError
 from fedelta.tensors import TensorDict
 
+SITE_WEIGHT = "site-weight"
+"""Strategy config key: the weight every site's upload counts for, when the combination
+rule fixes it; a site multiplies its securely aggregated upload by it instead of its
+example count."""
+
 
 class Aggregator(ABC):
     """Combines weighted client updates of identical layout."""
@@ -28,6 +33,9 @@ class Aggregator(ABC):
     """Only the (weighted) sum of updates is needed, so secure aggregation can hide them."""
     sparse: ClassVar[bool] = False
     """Takes :class:`~fedelta.compression.SparseTensor` updates without densifying them."""
+    site_weight: ClassVar[int | None] = None
+    """The weight of every site's update whatever its example count; ``None`` weighs
+    each by its examples."""
 
     @abstractmethod
     def begin(self, server_round: int = 0) -> None:
@@ -40,6 +48,11 @@ class Aggregator(ABC):
     @abstractmethod
     def result(self) -> TensorDict:
         """The combined update; raises :class:`EmptyRoundError` when nothing was added."""
+
+    def weight(self, num_examples: int) -> float:
+        """What a reply of ``num_examples`` examples weighs: :attr:`site_weight`, or the
+        example count."""
+        return float(num_examples if self.site_weight is None else self.site_weight)
 
     def metrics(self) -> dict[str, float]:
         return {}
