@@ -30,7 +30,8 @@ how robustness experiments and tests make a site misbehave, alike in both engine
 
 @dataclass
 class SiteState:
-    """What a site keeps across rounds; each round's new per-site state goes here."""
+    """What a site keeps across rounds, in one place: per-site state a method adds
+    (control variates, a replica of the downlink) belongs here too."""
 
     memory: ClientMemory = field(default_factory=ClientMemory)
     """Error-feedback residuals and SpIEL index sets."""

@@ -1,11 +1,12 @@
-"""The server's round loop: sample sites, send the global state, fold in deltas.
+"""The server's run over a Flower ``Grid``: sample sites, train, evaluate, checkpoint.
 
-Each round: find the nodes and their site names, sample sites with the server's
-seeded RNG, send every sampled node the global trainable state and the run
-config, fold each reply into the strategy *as it arrives* (after validating it),
-evaluate the new global state centrally and on clients, append a metrics row and
-write a checkpoint. A client that fails or sends an invalid update is reported
-by site name and left out of the round; it never stops the run.
+Each round: find the nodes and their site names (:mod:`fedelta.server.site_grid`),
+sample sites with the server's seeded RNG, send every sampled node its training
+message and hand each reply, as it arrives, to the round
+(:mod:`fedelta.server.round`: validation, weighting, folding in), evaluate the new
+global state centrally and on clients, append a metrics row and write a checkpoint
+(:mod:`fedelta.server.run_folder`). A client that fails or sends an invalid update
+is reported by site name and left out of the round; it never stops the run.
 """
 
 from __future__ import annotations
