@@ -1,5 +1,6 @@
 """The server's round loop (``Federation``) over an in-process Flower ``Grid``
-(``inprocess_grid.Transport``: Flower's serialization, no Ray)."""
+(``inprocess_grid.Transport``: Flower's serialization, no Ray), and the in-process
+engine (``federate``) against it."""
 
 from __future__ import annotations
 
