@@ -1065,6 +1065,24 @@ def test_client_dp_state_without_a_noise_multiplier_derives_it_at_the_next_sampl
     )
 
 
+def test_the_aggregator_weighs_replies_and_tells_securely_aggregated_sites_its_weight():
+    """The weighting rule is the aggregator's: the mean weighs a reply by its examples,
+    client-level DP weighs every site 1. A strategy that can be securely aggregated
+    also tells the sites, which weigh their masked uploads themselves."""
+    from fedelta.strategies.aggregators.base import SITE_WEIGHT
+
+    base = RunConfig()
+    plain = build_strategy(base)
+    assert plain.reply_weight(37) == 37.0 and SITE_WEIGHT not in plain.client_config(1)
+    dp = {"privacy.client-noise-multiplier": 1.0, "strategy.lora": "ffa"}
+    distributed = build_strategy(base.replace(**dp, **{"privacy.client-dp": "distributed"}))
+    assert distributed.reply_weight(37) == 1.0
+    assert distributed.client_config(1)[SITE_WEIGHT] == 1
+    central = build_strategy(base.replace(**dp, **{"privacy.client-dp": "central"}))
+    assert central.reply_weight(37) == 1.0  # clipped in the clear: never masked
+    assert SITE_WEIGHT not in central.client_config(1)
+
+
 def test_distributed_client_dp_sums_the_noised_shares_over_the_sampled_sites():
     """The server neither clips nor adds noise (the sites did, and it may only see the
     sum); it divides by the sampled sites, and tells the sites m and z."""

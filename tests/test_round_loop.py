@@ -1,5 +1,6 @@
 """The server's round loop (``Federation``) over an in-process Flower ``Grid``
-(``inprocess_grid.Transport``: Flower's serialization, no Ray)."""
+(``inprocess_grid.Transport``: Flower's serialization, no Ray), and the in-process
+engine (``federate``) against it."""
 
 from __future__ import annotations
 
@@ -7,21 +8,26 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from flwr.app import Array, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 from inprocess_grid import Transport
 
 from fedelta import protocol
 from fedelta.build import build_strategy
+from fedelta.client.app import with_reply_transform
 from fedelta.compression import UplinkCompression
+from fedelta.compression.wire import VALUES
 from fedelta.config import RunConfig
 from fedelta.lora import A_SUFFIX, B_SUFFIX, rank_layout
 from fedelta.server.checkpoint import load_checkpoint
 from fedelta.server.evaluation import CentralEvaluator
 from fedelta.server.federation import Federation
 from fedelta.server.metrics import MetricsLog
+from fedelta.simulations import federate
 from fedelta.tensors import layout_of
 
 pytestmark = pytest.mark.training
@@ -197,6 +203,45 @@ def test_naive_rule_with_per_site_ranks_averages_the_zero_padded_factors(loop_co
     for name, tensor in expected.items():
         torch.testing.assert_close(final[name], tensor, rtol=1e-5, atol=1e-7)
     _assert_ledger_is_exact(rows, transport)
+
+
+def _misbehave(site: protocol.Site, server_round: int, reply: RecordDict) -> RecordDict:
+    """client-1 sends a NaN, client-2 its update scaled 1000-fold; the others are honest."""
+    if site.name in ("client-1", "client-2"):
+        record = reply.array_records[protocol.DELTA]
+        values = record[VALUES].numpy().copy()
+        if site.name == "client-1":
+            values[0] = np.nan
+        else:
+            values *= 1000
+        record[VALUES] = Array(values)
+    return reply
+
+
+def test_both_engines_reject_the_same_replies_and_reach_the_same_global_state(
+    loop_config, tmp_path
+):
+    """The same config through the in-process engine and the Flower round loop (Flower's
+    serialization): one site's NaN and another's update beyond max-update-norm are
+    rejected by both, and both end at the same global state."""
+    config = loop_config.replace(
+        **{"num-server-rounds": 2, "simulation.num-supernodes": 3, "max-update-norm": 1.0}
+    )
+    in_process = federate(config, reply_transform=_misbehave)
+    flower = config.replace(output_dir=str(tmp_path / "flower"))
+    rows = _run(flower, Transport(3, with_reply_transform(_misbehave)))
+    for ours, theirs in zip(rows[1:], in_process.rows[1:], strict=True):
+        for row in (ours, theirs):
+            assert row["clients-replied"] == 1 and row["clients-rejected"] == 2
+            assert "non-finite values" in row["clients-failed"]["client-1"]
+            assert "exceeds max-update-norm" in row["clients-failed"]["client-2"]
+        assert ours["train-loss"] == pytest.approx(theirs["train-loss"])
+    final = load_checkpoint(Path(flower.output_dir)).global_state
+    initial, last = in_process.states[0], in_process.states[-1]
+    assert final.keys() == last.keys()
+    assert any(not torch.equal(last[k], initial[k]) for k in last)  # client-0 moved it
+    for name, tensor in last.items():
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-6)
 
 
 # -- one site's local round ---------------------------------------------------------------

@@ -88,24 +88,33 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     return call_next(msg, context)
 
 
-def max_weight(settings: PrivacyConfig) -> float:
+def max_weight(settings: PrivacyConfig, site_weight: float | None = None) -> float:
     """The weight that maps to the full quantization range. Flower's mod multiplies an
     upload by ``weight / max-weight`` before quantizing, so the precision of a site's
-    upload is ``2 x clipping-range / quantization-range x max-weight / weight``. Under
-    client-level DP every site weighs 1, and so does the maximum."""
-    return 1.0 if settings.client_dp != "none" else settings.secagg_max_weight
+    upload is ``2 x clipping-range / quantization-range x max-weight / weight``. When
+    the strategy gives every site the same ``site_weight`` (client-level DP: 1), that
+    is also the maximum."""
+    return settings.secagg_max_weight if site_weight is None else float(site_weight)
 
 
-def masked_upload(upload: ArrayRecord, weight: int, settings: PrivacyConfig) -> RecordDict:
-    """The records ``secaggplus_mod`` masks: the upload's arrays in name order with the
-    weight (in the legacy ``fitres`` form Flower's mod reads), plus the names.
+def masked_upload(
+    upload: ArrayRecord,
+    num_examples: int,
+    settings: PrivacyConfig,
+    site_weight: int | None = None,
+) -> RecordDict:
+    """The records ``secaggplus_mod`` masks: the upload's arrays in name order with its
+    weight (``site_weight`` when the strategy fixes one, else ``num_examples``; in the
+    legacy ``fitres`` form Flower's mod reads), plus the names.
 
     Raises ``ValueError`` for an entry that, scaled by ``weight / max-weight``, falls
     outside ``secagg-clipping-range``: Flower's quantizer would clip it silently and
     the aggregate would be wrong."""
+    weight = num_examples if site_weight is None else site_weight
+    most = max_weight(settings, site_weight)
     names = sorted(upload.keys())
     arrays = [upload[name].numpy() for name in names]
-    limit = settings.secagg_clipping_range * min(1.0, max_weight(settings) / weight)
+    limit = settings.secagg_clipping_range * min(1.0, most / weight)
     for name, array in zip(names, arrays, strict=True):
         if not np.issubdtype(array.dtype, np.floating):
             raise ValueError(f"secure aggregation needs float uploads; '{name}' is {array.dtype}")
@@ -114,7 +123,7 @@ def masked_upload(upload: ArrayRecord, weight: int, settings: PrivacyConfig) -> 
             raise ValueError(
                 f"upload entry {largest:.4g} in '{name}' exceeds {limit:.4g} (privacy.secagg-"
                 f"clipping-range {settings.secagg_clipping_range:g} x max-weight "
-                f"{max_weight(settings):g} / weight {weight}); raise secagg-clipping-range "
+                f"{most:g} / weight {weight}); raise secagg-clipping-range "
                 "(at some cost in precision) or secagg-max-weight"
             )
     fitres = FitRes(
@@ -148,9 +157,17 @@ class SecureRound:
 class SecAggPlus:
     """Runs SecAgg+ rounds through the round loop's message exchange."""
 
-    def __init__(self, settings: PrivacyConfig, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        settings: PrivacyConfig,
+        timeout: float | None = None,
+        site_weight: float | None = None,
+    ) -> None:
         self.settings = settings
         self.timeout = timeout
+        self.max_weight = max_weight(settings, site_weight)
+        """What the sites' weights are scaled against (``site_weight``: the strategy's
+        weight for every site, if it fixes one)."""
 
     def protocol_sizes(self, sampled: int) -> tuple[int, int]:
         """Shares per secret and the reconstruction threshold for ``sampled`` sites
@@ -206,7 +223,7 @@ class SecAggPlus:
             Key.CLIPPING_RANGE: float(self.settings.secagg_clipping_range),
             Key.TARGET_RANGE: int(self.settings.secagg_quantization_range),
             Key.MOD_RANGE: MODULUS_RANGE,
-            Key.MAX_WEIGHT: max_weight(self.settings),
+            Key.MAX_WEIGHT: self.max_weight,
         }
         public = state.stage(
             "setup", {nid: RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(setup)}) for nid in nodes}
@@ -322,7 +339,7 @@ class SecAggPlus:
         mean = ArrayRecord()
         for name, array in zip(names, summed, strict=True):
             mean[name] = Array(((array + offset) * (levels / weight_sum)).astype(np.float32))
-        masked_weight = weight_sum / levels * max_weight(self.settings)
+        masked_weight = weight_sum / levels * self.max_weight
         return SecureRound(mean, masked_weight, survivors, state.replies, state.failed)
 
 

@@ -1,11 +1,15 @@
-"""Central evaluation: the global adapter on the held-out test split, on the server."""
+"""Central evaluation (the global adapter on the held-out test split, on the server)
+and the folding of the sites' own evaluations."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 
 import torch
+from flwr.app import MetricRecord
 
+from fedelta import protocol
 from fedelta.build import model_spec
 from fedelta.config import RunConfig
 from fedelta.data import label_names, load_corpus
@@ -59,3 +63,21 @@ def load_global_state(model: torch.nn.Module, global_state: Mapping[str, torch.T
             if k.startswith(FOLD_PREFIX)
         },
     )
+
+
+def federated_result(replies: Iterable[MetricRecord | None]) -> EvalResult:
+    """The example-weighted mean of the sites' evaluation metrics; a reply without
+    examples or with a non-finite loss or accuracy is left out (none left: NaN, 0)."""
+    loss_sum = correct = count = 0
+    for metrics in replies:
+        n = metrics.get(protocol.NUM_EXAMPLES, 0) if metrics else 0
+        if not n or not all(
+            math.isfinite(metrics.get(k, math.nan)) for k in ("eval-loss", "eval-accuracy")
+        ):
+            continue
+        loss_sum += metrics["eval-loss"] * n
+        correct += metrics["eval-accuracy"] * n
+        count += n
+    if count == 0:
+        return EvalResult(loss=math.nan, accuracy=math.nan, examples=0)
+    return EvalResult(loss=loss_sum / count, accuracy=correct / count, examples=count)

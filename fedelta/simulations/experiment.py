@@ -46,8 +46,8 @@ from fedelta.config import (
     read_toml,
 )
 from fedelta.server.checkpoint import FILENAME as CHECKPOINT_FILE
-from fedelta.server.federation import config_changes
 from fedelta.server.metrics import SUMMARY_FILE
+from fedelta.server.run_folder import config_changes
 from fedelta.simulations.comparison import Arm, to_markdown
 from fedelta.simulations.report import REPORT_FILE, write_comparison_report
 from fedelta.simulations.results import RunResult, class_path, recorded_strategy

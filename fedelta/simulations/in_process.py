@@ -1,37 +1,47 @@
-"""A federation in one process: the same trainer, strategy and evaluation, no Flower.
+"""A federation in one process: the same sites, round and strategy, no Flower.
 
 For strategy experiments that compare many variants: no Ray workers, no message
 serialization, one model build per configuration, every round's global state
-kept in memory. Each client's upload still goes through the wire encoding and
-the server's decoding, and each site keeps its memory (error feedback, SpIEL
-indices, FedSA's local B) across rounds, as a SuperNode does. Byte counts,
-failures and checkpoints are what :func:`fedelta.simulations.simulate` adds.
+kept in memory. Each site is a :class:`~fedelta.client.session.ClientSession`
+over a ``RecordDict`` of its own (error feedback, SpIEL indices, FedSA's local B,
+its DP-SGD accountant), as a SuperNode's ``Context.state`` keeps them, and the
+server's :class:`~fedelta.server.round.TrainingRound` validates, weighs and folds
+in every reply, ``max-update-norm`` included, as in a Flower run. Byte counts,
+sampling, federated evaluation and checkpoints are what
+:func:`fedelta.simulations.simulate` adds.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from flwr.app import RecordDict
 
 from fedelta.build import build_strategy
-from fedelta.client.trainer import ClientTrainer
+from fedelta.client.session import ClientSession, ReplyTransform
 from fedelta.compatibility import check_config
-from fedelta.compression import ClientMemory
+from fedelta.compression import UplinkCompression
 from fedelta.config import RunConfig
 from fedelta.privacy.accounting import PrivacyAccountant
 from fedelta.protocol import Site
 from fedelta.server.evaluation import CentralEvaluator
+from fedelta.server.round import TrainingRound, update_layout
+from fedelta.server.run_folder import check_clients_match, with_label_names
 from fedelta.strategies import Strategy
 from fedelta.tasks import build_task
+
+log = logging.getLogger("fedelta")
 
 
 @dataclass
 class InProcessRun:
     rows: list[dict[str, Any]]
-    """Central test metrics per round (round 0: the initial model)."""
+    """Central test metrics and the round's training numbers per round (round 0: the
+    initial model)."""
     states: list[dict[str, torch.Tensor]] = field(repr=False)
     """The global state after every round (index 0: initial)."""
     evaluator: CentralEvaluator = field(repr=False)
@@ -41,48 +51,49 @@ def federate(
     config: RunConfig,
     strategy: Strategy | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    reply_transform: ReplyTransform | None = None,
 ) -> InProcessRun:
     """Run ``config``'s rounds with every client of ``simulation.num-supernodes``
-    taking part in every round (``fraction-train`` is not applied)."""
+    taking part in every round (``fraction-train`` is not applied).
+
+    ``reply_transform`` changes a site's training reply before the server reads it,
+    as :func:`fedelta.client.app.with_reply_transform` does in a Flower run. A short
+    round (fewer usable updates than ``min-train-replies``) leaves the global state
+    as it was: with every site asked already, there is no one else to retry with.
+    Secure aggregation only hides the uploads from the server; here their weighted
+    mean is formed in the clear (SecAgg+ gives the same mean, to its quantization)."""
     check_config(config)
+    config = with_label_names(config.replace(**{"privacy.secure-aggregation": False}))
     strategy = strategy or build_strategy(config)
+    check_clients_match(strategy, config)
     evaluator = CentralEvaluator(config)
     task = build_task(config)
     state = strategy.initial_state(evaluator.initial_state)
+    layout = update_layout(state, evaluator.layout)
+    compression = UplinkCompression(config.compression, config.seed)
     clients = config.simulation.num_supernodes
     sites = [Site(i, clients, f"client-{i}") for i in range(clients)]
-    memories = {site.name: ClientMemory() for site in sites}
-    accountants = {site.name: PrivacyAccountant() for site in sites}
-    kept: dict[str, dict[str, torch.Tensor]] = {site.name: {} for site in sites}
+    ranks = {site.name: site.rank(config) for site in sites}
+    site_states = {site.name: RecordDict() for site in sites}
+    ledger: dict[str, PrivacyAccountant] = {}
     rows = [{"round": 0, **task.metrics(evaluator(state), "test")}]
     states = [state]
-    equal_weights = config.privacy.client_dp != "none"
     for server_round in range(1, config.num_server_rounds + 1):
-        ranks = [s.rank(config) for s in sites]
-        strategy.begin_round(server_round, state, ranks, population=len(sites))
-        adapter, fold = strategy.downlink(state)
-        instructions = strategy.client_config(server_round)
-        losses, epsilons = [], {}
+        train = TrainingRound(
+            strategy, config, server_round, state, layout, ranks, len(sites), compression, ledger
+        )
         for site in sites:
-            trainer = ClientTrainer(config, site)
-            start = trainer.receive(adapter, fold, kept[site.name])
-            out = trainer.fit(
-                start, server_round, instructions, memories[site.name], accountants[site.name]
-            )
-            kept[site.name] = out.kept or kept[site.name]
-            delta = trainer.compression.decode(out.upload, trainer.uplink_layout, server_round)
-            weight = 1 if equal_weights else len(trainer.data.train)
-            strategy.accumulate(delta, weight, trainer.rank)
-            losses.append(out.result.loss)
-            if out.private is not None:
-                epsilons[site.name] = out.private.epsilon
-        state = strategy.finish_round(state)
+            session = ClientSession(site, site_states[site.name], reply_transform)
+            train.receive(site.name, session.train(train.content(site.name)))
+        new_state, train_row = train.close()
+        if new_state is None:
+            log.warning("round %d skipped: the global model is unchanged", server_round)
+            train_row["round-skipped"] = True
+        else:
+            state = new_state
         states.append(state)
-        row = {"round": server_round, **task.metrics(evaluator(state), "test")}
-        row["train-loss"] = sum(losses) / len(losses)
-        if epsilons:
-            row["dp-epsilon"] = max(epsilons.values())
-        row |= strategy.round_metrics()
+        row = {"round": server_round, **task.metrics(evaluator(state), "test"), **train_row}
         rows.append(row)
         if on_round is not None:
             on_round(row)

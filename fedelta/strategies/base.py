@@ -78,6 +78,11 @@ class Strategy(ABC):
         """Prepare empty accumulators; ``ranks`` are those of the sampled clients,
         ``population`` the number of sites they were sampled from."""
 
+    def reply_weight(self, num_examples: int) -> float:
+        """A reply's weight in the round: its example count, so sites with more data
+        count more. Both engines weigh every plain reply with it."""
+        return float(num_examples)
+
     @abstractmethod
     def accumulate(
         self, delta: Mapping[str, torch.Tensor], num_examples: int, rank: int | None = None

@@ -17,6 +17,7 @@ import torch
 
 from fedelta.lora import rank_layout
 from fedelta.strategies.aggregators import Aggregator, Mean
+from fedelta.strategies.aggregators.base import SITE_WEIGHT
 from fedelta.strategies.base import Capabilities, EmptyRoundError, Strategy
 from fedelta.strategies.lora import LoraAggregation
 from fedelta.strategies.optimizers import FedAvg, ServerOptimizer
@@ -66,7 +67,16 @@ class DeltaStrategy(Strategy):
         return self.lora.initial_state(adapter_state)
 
     def client_config(self, server_round: int) -> dict[str, bool | int | float | str]:
-        return self.optimizer.client_config() | self.aggregator.client_config()
+        """The optimizer's and the aggregator's settings; a strategy that can be securely
+        aggregated also tells sites the weight it gives each (they weigh their masked
+        uploads themselves)."""
+        config = self.optimizer.client_config() | self.aggregator.client_config()
+        if self.capabilities.linear and self.aggregator.site_weight is not None:
+            config[SITE_WEIGHT] = self.aggregator.site_weight
+        return config
+
+    def reply_weight(self, num_examples: int) -> float:
+        return self.aggregator.weight(num_examples)
 
     def downlink(self, global_state: Mapping[str, torch.Tensor]) -> tuple[TensorDict, TensorDict]:
         return self.lora.downlink(global_state)

@@ -18,6 +18,11 @@ from fedelta.config import RunConfig
 from fedelta.strategies.base import EmptyRoundError
 from fedelta.tensors import TensorDict
 
+SITE_WEIGHT = "site-weight"
+"""Strategy config key: the weight every site's upload counts for, when the aggregator
+fixes it; a site multiplies its securely aggregated upload by it instead of its
+example count."""
+
 
 class Aggregator(ABC):
     """Combines weighted client updates of identical layout."""
@@ -32,6 +37,9 @@ class Aggregator(ABC):
     weighs_senders: ClassVar[bool] = False
     """Can average each coordinate over the clients that sent it
     (``compression.weighting = "senders"``)."""
+    site_weight: ClassVar[int | None] = None
+    """The weight of every site's update whatever its example count; ``None`` weighs
+    each by its examples."""
 
     @classmethod
     def from_config(cls, config: RunConfig) -> Aggregator:
@@ -49,6 +57,11 @@ class Aggregator(ABC):
     @abstractmethod
     def result(self) -> TensorDict:
         """The combined update; raises :class:`EmptyRoundError` when nothing was added."""
+
+    def weight(self, num_examples: int) -> float:
+        """What a reply of ``num_examples`` examples weighs: :attr:`site_weight`, or the
+        example count."""
+        return float(num_examples if self.site_weight is None else self.site_weight)
 
     def metrics(self) -> dict[str, float]:
         return {}

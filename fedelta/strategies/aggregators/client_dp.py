@@ -33,6 +33,9 @@ class ClientLevelDP(Aggregator):
     summary = "DP-FedAvg: clipped, equally weighted updates plus Gaussian noise"
     streaming = True
     sparse = True
+    site_weight = 1
+    """Sites weigh the same whatever their example counts: the bound on one site's
+    influence needs it."""
 
     def __init__(self, settings: PrivacyConfig, rounds: int, seed: int) -> None:
         if settings.client_dp not in ("central", "distributed"):
@@ -77,11 +80,10 @@ class ClientLevelDP(Aggregator):
         self._received = self._clipped = 0
 
     def add(self, update: Delta, weight: float) -> None:
-        """``weight`` is the number of sites ``update`` stands for: 1, or the number of
-        sites in a securely aggregated sum. Sites weigh the same whatever their example
-        counts: the bound on one site's influence needs it."""
+        """``weight`` is the number of sites ``update`` stands for: one site's
+        :attr:`site_weight`, or the number of sites in a securely aggregated sum."""
         if self.central:
-            if weight != 1:
+            if weight != self.site_weight:
                 raise ValueError(f"central client-level DP takes one site per update, got {weight}")
             update, scaled = clip_to_norm(densify(update), self.settings.client_clip_norm)
             self._clipped += scaled
