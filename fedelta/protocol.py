@@ -37,7 +37,7 @@ LOCAL_ADAPTER = "local-adapter"
 
 DP_SPENT = "dp-spent"
 """ConfigRecord: the DP-SGD mechanisms a site has reported so far, as the server's
-checkpointed ledger has them (server to client; a resumed run starts new node states)."""
+checkpointed accountants have them (server to client; a resumed run starts new node states)."""
 REFUSED = "refused"
 """ConfigRecord: why a client did not train (its privacy budget is spent), instead of a
 delta (client to server)."""

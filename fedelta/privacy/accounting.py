@@ -92,7 +92,7 @@ class PrivacyAccountant:
 
     def at_least(self, other: PrivacyAccountant, delta: float) -> PrivacyAccountant:
         """Whichever of the two has spent more. A site's ``Context.state`` lasts one run;
-        after a resume the server's ledger of what the site reported is the longer one."""
+        after a resume the server's accountant of what the site reported is the longer one."""
         return other if other.epsilon(delta) > self.epsilon(delta) else self
 
 

@@ -83,7 +83,7 @@ class Federation:
         self.nodes = SiteGrid(grid, self.config)
         self.exhausted: set[str] = set()
         """Sites whose DP-SGD budget is spent: never sampled again in this run."""
-        self.dp_ledger: dict[str, PrivacyAccountant] = {}
+        self.accountants: dict[str, PrivacyAccountant] = {}
         """What each site reported spending under DP-SGD (checkpointed: a resumed run
         starts with fresh node states, and sites take this over)."""
         self.compression = UplinkCompression(self.config.compression, self.config.seed)
@@ -125,7 +125,7 @@ class Federation:
             row |= self.nodes.byte_ledger() | {
                 "wall-seconds": round(time.monotonic() - round_started, 3),
             }
-            self.folder.record(row, global_state, self.strategy, rng, self.dp_ledger)
+            self.folder.record(row, global_state, self.strategy, rng, self.accountants)
             bar.set_postfix(_postfix(row), refresh=False)
             bar.update(1)
             if not self.progress:
@@ -143,12 +143,12 @@ class Federation:
     ) -> tuple[dict[str, torch.Tensor], np.random.Generator, int]:
         """Global state, server RNG and rounds done: restored, or fresh (round 0 recorded)."""
         if self.resume:
-            global_state, rng, done, self.dp_ledger = self.folder.restore(self.strategy)
+            global_state, rng, done, self.accountants = self.folder.restore(self.strategy)
             return global_state, rng, done
         global_state = self.strategy.initial_state(evaluator.initial_state)
         rng = np.random.default_rng(self.config.seed)
         row = {"round": 0, **self._evaluate_centrally(evaluator, global_state)}
-        self.folder.record(row, global_state, self.strategy, rng, self.dp_ledger)
+        self.folder.record(row, global_state, self.strategy, rng, self.accountants)
         return global_state, rng, 0
 
     def _evaluate_centrally(
@@ -229,7 +229,7 @@ class Federation:
             {site: self.nodes.ranks[site] for site in sampled},
             len(available),
             self.compression,
-            self.dp_ledger,
+            self.accountants,
         )
         contents = {node_of[site]: train.content(site) for site in sampled}
         if self.config.privacy.secure_aggregation:

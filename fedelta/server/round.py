@@ -63,7 +63,7 @@ class TrainingRound:
     """One attempt at a round over ``ranks`` (the sampled sites and their LoRA ranks),
     from opening the strategy's round to its new global state.
 
-    ``ledger`` is the server's record of what each site spent under DP-SGD: sites are
+    ``accountants`` is the server's record of what each site spent under DP-SGD: sites are
     told it, and the round adds what their replies report. Sites whose privacy budget
     is spent end up in :attr:`exhausted`."""
 
@@ -77,11 +77,11 @@ class TrainingRound:
         ranks: Mapping[str, int],
         population: int,
         compression: UplinkCompression,
-        ledger: dict[str, PrivacyAccountant],
+        accountants: dict[str, PrivacyAccountant],
     ) -> None:
         self.strategy, self.config, self.server_round = strategy, config, server_round
         self.global_state, self.layout, self.ranks = global_state, layout, dict(ranks)
-        self.compression, self.ledger = compression, ledger
+        self.compression, self.accountants = compression, accountants
         strategy.begin_round(
             server_round, global_state, list(ranks.values()), population=population
         )
@@ -105,10 +105,10 @@ class TrainingRound:
 
     def content(self, site: str) -> RecordDict:
         """A site's training message: the round's records, plus under DP-SGD what the
-        site has spent so far by the server's ledger."""
+        site has spent so far by the server's accountants."""
         content = RecordDict(dict(self.records))
-        if site in self.ledger:
-            content[protocol.DP_SPENT] = self.ledger[site].to_record()
+        if site in self.accountants:
+            content[protocol.DP_SPENT] = self.accountants[site].to_record()
         return content
 
     # -- replies -------------------------------------------------------------------------
@@ -170,7 +170,7 @@ class TrainingRound:
             self._count(site, metrics, _dense_bytes(uplink))
 
     def _count(self, site: str, metrics: ReplyMetrics, dense_bytes: int) -> None:
-        """Record a usable reply, and what DP-SGD spent for it in the site's ledger."""
+        """Record a usable reply, and what DP-SGD spent for it in the site's accountant."""
         self.replied.append(site)
         self._loss_sum += metrics.train_loss * metrics.num_examples
         self._examples += metrics.num_examples
@@ -178,7 +178,7 @@ class TrainingRound:
         if metrics.epsilon is not None:
             self.epsilon[site] = metrics.epsilon
         if metrics.mechanism is not None:
-            self.ledger.setdefault(site, PrivacyAccountant()).spend(*metrics.mechanism)
+            self.accountants.setdefault(site, PrivacyAccountant()).spend(*metrics.mechanism)
 
     # -- the end -------------------------------------------------------------------------
     def close(self) -> tuple[TensorDict | None, dict[str, Any]]:

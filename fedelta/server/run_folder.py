@@ -68,7 +68,7 @@ class RunFolder:
         global_state: Mapping[str, torch.Tensor],
         strategy: Strategy,
         rng: np.random.Generator,
-        ledger: Mapping[str, PrivacyAccountant],
+        accountants: Mapping[str, PrivacyAccountant],
     ) -> None:
         """Record the round, then checkpoint it; a crash between the two is undone on resume."""
         self.metrics.append(row)
@@ -76,7 +76,7 @@ class RunFolder:
             self.round_states.record(row["round"], global_state)
         tensors, meta = strategy.state_dict()
         state = dict(global_state)
-        privacy = {site: spent.to_meta() for site, spent in ledger.items()}
+        privacy = {site: spent.to_meta() for site, spent in accountants.items()}
         save_checkpoint(
             self.run_dir,
             Checkpoint(row["round"], state, tensors, meta, rng.bit_generator.state, privacy),
@@ -90,14 +90,14 @@ class RunFolder:
         and what each site spent under DP-SGD."""
         checkpoint = load_checkpoint(self.run_dir)
         strategy.load_state_dict(checkpoint.strategy_tensors, checkpoint.strategy_meta)
-        ledger = {
+        accountants = {
             site: PrivacyAccountant.from_meta(meta) for site, meta in checkpoint.privacy.items()
         }
         rng = np.random.default_rng()
         rng.bit_generator.state = checkpoint.rng_state
         self.metrics.truncate_after(checkpoint.server_round)
         log.info("resuming after round %d from %s", checkpoint.server_round, self.run_dir)
-        return checkpoint.global_state, rng, checkpoint.server_round, ledger
+        return checkpoint.global_state, rng, checkpoint.server_round, accountants
 
     def finish(
         self,

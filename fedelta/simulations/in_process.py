@@ -76,12 +76,12 @@ def federate(
     sites = [Site(i, clients, f"client-{i}") for i in range(clients)]
     ranks = {site.name: site.rank(config) for site in sites}
     site_states = {site.name: RecordDict() for site in sites}
-    ledger: dict[str, PrivacyAccountant] = {}
+    accountants: dict[str, PrivacyAccountant] = {}
     rows = [{"round": 0, **task.metrics(evaluator(state), "test")}]
     states = [state]
     for server_round in range(1, config.num_server_rounds + 1):
         train = TrainingRound(
-            strategy, config, server_round, state, layout, ranks, len(sites), compression, ledger
+            strategy, config, server_round, state, layout, ranks, len(sites), compression, accountants
         )
         for site in sites:
             session = ClientSession(site, site_states[site.name], reply_transform)
