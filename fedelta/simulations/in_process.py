@@ -81,7 +81,15 @@ def federate(
     states = [state]
     for server_round in range(1, config.num_server_rounds + 1):
         train = TrainingRound(
-            strategy, config, server_round, state, layout, ranks, len(sites), compression, accountants
+            strategy,
+            config,
+            server_round,
+            state,
+            layout,
+            ranks,
+            len(sites),
+            compression,
+            accountants,
         )
         for site in sites:
             session = ClientSession(site, site_states[site.name], reply_transform)
