@@ -1,4 +1,4 @@
-"""Byzantine clients against the combination rules of the strategy library.
+"""Byzantine clients against the aggregators of the strategy library.
 
 5 sites with IID shares of Rotten Tomatoes, all sampled every round; one of them
 (20%) is Byzantine and replaces its honest delta with one of four attacks:

@@ -24,7 +24,7 @@ from fedelta.strategies.aggregators.client_dp import ClientLevelDP
 
 def build_optimizer(config: RunConfig) -> ServerOptimizer:
     """The server optimizer ``strategy.optimizer`` selects, with its settings."""
-    return OPTIMIZERS[config.strategy.optimizer].from_config(config.strategy)
+    return OPTIMIZERS[config.strategy.optimizer].from_config(config)
 
 
 def build_aggregator(config: RunConfig) -> Aggregator:

@@ -243,15 +243,17 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.out:
             raise ConfigError("--resume continues RUN_DIR with its own config; drop --config/--out")
-        config = load_config(args.resume / RUN_CONFIG_FILE, args.overrides)
+        config = load_config(args.resume / RUN_CONFIG_FILE, args.overrides, follow_renames=True)
         config = config.replace(resume=True, output_dir=str(args.resume))
     else:
         config = load_config(args.config, args.overrides)
         if args.out:
             config = config.replace(output_dir=str(args.out))
         if args.init_from:
+            from fedelta.compatibility import check_config
             from fedelta.server.app import run_dir_for
 
+            check_config(config)  # before the merged model is written
             config = config.replace(output_dir=str(run_dir_for(config)))
             config = config.replace(**{"model.name": str(_init_model(args.init_from, config))})
     from fedelta.server.generations import GENERATIONS_FILE
@@ -366,9 +368,11 @@ def _strategies(args: argparse.Namespace) -> int:
 
 
 def _centralised(args: argparse.Namespace) -> int:
+    from fedelta.compatibility import check_config
     from fedelta.simulations.centralised import federated_step_budget, train_centralised
 
     config: RunConfig = load_config(args.config, args.overrides)
+    check_config(config)
     steps = args.steps or federated_step_budget(config)
     print(f"centralised baseline: {steps} steps, lr {config.lr}, batch {config.batch_size}")
     rows = train_centralised(
@@ -398,9 +402,11 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _partition(args: argparse.Namespace) -> int:
+    from fedelta.compatibility import check_config
     from fedelta.data import write_site_files
 
     config = load_config(args.config, args.overrides)
+    check_config(config)
     if args.num_partitions < 1:
         raise ConfigError("--num-partitions must be >= 1")
     for path in write_site_files(config.data, config.seed, args.num_partitions, args.out):

@@ -23,7 +23,7 @@ from fedelta.compression import CODECS, SPARSITY
 from fedelta.config import ConfigError, RunConfig, StrategyConfig
 from fedelta.data import PARTITIONERS
 from fedelta.merging import EXPORT_MERGES
-from fedelta.strategies import AGGREGATORS, LORA_AGGREGATIONS, OPTIMIZERS
+from fedelta.strategies import AGGREGATORS, LORA_AGGREGATIONS, OPTIMIZERS, Strategy
 from fedelta.tasks import TASKS
 
 
@@ -42,6 +42,17 @@ def check_config(config: RunConfig) -> None:
     _check_compression(config)
     _check_task(config)
     _check_privacy(config)
+
+
+def check_clients_match(strategy: Strategy, config: RunConfig) -> None:
+    """Clients follow the config's LoRA rule (what they freeze, keep and send); a
+    strategy object with another rule would reject every reply, so refuse it now."""
+    rule = getattr(getattr(strategy, "lora", None), "name", config.strategy.lora)
+    if rule != config.strategy.lora:
+        raise ConfigError(
+            f"the strategy aggregates LoRA with {rule!r} but clients follow the config's "
+            f"strategy.lora = {config.strategy.lora!r}; set strategy.lora = {rule!r}"
+        )
 
 
 def _check_lora(config: RunConfig) -> None:

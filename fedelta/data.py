@@ -307,7 +307,7 @@ def _partitioner(config_fields: tuple, seed: int, num_partitions: int) -> Partit
         partitioner = IidPartitioner(num_partitions=num_partitions)
     elif config.partitioner == "topic":
         partitioner = _topic_partitioner(pool, num_partitions)
-    else:
+    elif config.partitioner == "dirichlet":
         if LABEL not in pool.column_names:
             raise DataError(
                 f"data.partitioner = 'dirichlet' skews labels; '{config.name}' has none"
@@ -318,6 +318,11 @@ def _partitioner(config_fields: tuple, seed: int, num_partitions: int) -> Partit
             alpha=config.dirichlet_alpha,
             min_partition_size=min(10, len(pool) // num_partitions),
             seed=seed,
+        )
+    else:
+        raise DataError(
+            f"data.partitioner must be one of {', '.join(PARTITIONERS)} "
+            f"(got {config.partitioner!r})"
         )
     partitioner.dataset = pool
     return partitioner

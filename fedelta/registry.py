@@ -1,5 +1,6 @@
-"""Named components selected by one config key: LoRA rules, aggregators, server
-optimizers, codecs, sparsity methods, merges and tasks all register the same way.
+"""Named components selected by one config key: LoRA rules, aggregators (merge
+operators among them), server optimizers, codecs, sparsity methods and tasks all
+register the same way.
 
 A registry maps each name a config may give to the component it selects; a name
 it does not hold raises a :class:`~fedelta.config.ConfigError` naming the key and

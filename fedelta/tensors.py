@@ -84,7 +84,9 @@ def global_norm(update: Delta) -> float:
     )
 
 
-def clip_to_norm(update: Delta, max_norm: float) -> tuple[dict, bool]:
+def clip_to_norm(
+    update: Delta, max_norm: float
+) -> tuple[dict[str, torch.Tensor | SparseTensor], bool]:
     """``update * min(1, max_norm / ||update||)`` and whether it was scaled."""
     norm = global_norm(update)
     if norm <= max_norm:

@@ -9,7 +9,10 @@ alone imports inside functions, to load a command's modules only when it runs.
 from __future__ import annotations
 
 import ast
+import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "fedelta"
 
@@ -61,7 +64,14 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
+            # ``from fedelta import protocol`` imports the module fedelta.protocol
+            names = [
+                f"{node.module}.{alias.name}"
+                if (ROOT.parent / node.module.replace(".", "/") / f"{alias.name}.py").is_file()
+                or (ROOT.parent / node.module.replace(".", "/") / alias.name).is_dir()
+                else node.module
+                for alias in node.names
+            ]
         elif isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         else:
@@ -101,3 +111,21 @@ def test_only_the_cli_imports_inside_functions():
 def test_no_module_grows_past_500_lines():
     long = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > 500}
     assert not long
+
+
+def test_no_file_holds_an_unresolved_merge_conflict():
+    repo = ROOT.parent
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    marked = []
+    for name in listed:
+        path = repo / name
+        if path.suffix in (".py", ".md", ".toml", ".yml", ".cfg", ".txt") and path.is_file():
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if any(line.startswith(("<<<<<<< ", ">>>>>>> ")) for line in lines):
+                marked.append(name)
+    assert not marked

@@ -169,3 +169,28 @@ def test_the_compression_package_loads_no_strategy_server_or_model_code():
     assert not heavy
     assert not {m for m in loaded if m.startswith(("fedelta.server", "fedelta.strategies"))}
     assert "fedelta.models" not in loaded and "fedelta.compatibility" not in loaded
+
+
+def test_an_experiment_refuses_a_bad_combination_before_anything_trains():
+    from fedelta.simulations import Experiment
+
+    bad = {"privacy.dp-sgd": True, "privacy.target-epsilon": 3.0, "strategy.optimizer": "fedprox"}
+    with pytest.raises(ConfigError, match="variant 'bad'.*proximal term"):
+        Experiment("p", variants={"good": {}, "bad": bad}).planned_runs()
+
+
+def test_a_run_folder_of_an_earlier_release_reads_under_the_new_keys(tmp_path):
+    saved = tmp_path / "config.toml"
+    saved.write_text('[strategy]\nname = "fedadam"\nrobust = "median"\n')
+    with pytest.raises(ConfigError, match=f"config file '{saved}': key 'strategy.name' was"):
+        load_config(saved)
+    config = load_config(saved, follow_renames=True)
+    assert (config.strategy.optimizer, config.strategy.aggregator) == ("fedadam", "median")
+
+
+def test_an_unknown_partitioner_is_refused_by_the_data_layer_too():
+    from fedelta.config import DataConfig
+    from fedelta.data import DataError, load_client_data
+
+    with pytest.raises(DataError, match="data.partitioner must be one of iid, dirichlet, topic"):
+        load_client_data(DataConfig(partitioner="shards"), 0, 4, 0)

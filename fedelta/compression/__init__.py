@@ -1,8 +1,9 @@
 """Sparse and quantized client uploads: what crosses the wire, and how it is read back.
 
-See :mod:`fedelta.compression.uplink` for the pipeline; the sparse type, codecs,
-selection rules, training-time masks (SpIEL, LIFT), Half Fine-Tuning and error
-feedback each have their own module.
+See :mod:`fedelta.compression.uplink` for the pipeline; the sparsity methods, codecs,
+wire format, selection rules, training-time masks (SpIEL, LIFT), Half Fine-Tuning
+and error feedback each have their own module. The sparse tensor itself is part of
+the shared vocabulary (:class:`fedelta.tensors.SparseTensor`).
 """
 
 from fedelta.compression.quantization import CODECS, Codec, build_codec

@@ -18,6 +18,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from fedelta.config import CompressionConfig
 from fedelta.registry import Registry
 
 FP16_MAX = 65504.0
@@ -34,8 +35,9 @@ class Codec(ABC):
     """Decodes to exactly the fp32 values encoded (no quantization)."""
 
     @classmethod
-    def build(cls, name: str, block_size: int, stochastic: bool) -> Codec:
-        """The codec registered as ``name`` with a run's ``[compression]`` settings."""
+    def from_config(cls, settings: CompressionConfig) -> Codec:
+        """The codec ``compression.quantization`` names, with a run's ``[compression]``
+        settings."""
         return cls()
 
     @abstractmethod
@@ -110,8 +112,9 @@ class Int8(Codec):
         self.name = "int8-block" if block_size else "int8"
 
     @classmethod
-    def build(cls, name: str, block_size: int, stochastic: bool) -> Int8:
-        return cls(block_size if name == "int8-block" else 0, stochastic)
+    def from_config(cls, settings: CompressionConfig) -> Int8:
+        block_size = settings.block_size if settings.quantization == "int8-block" else 0
+        return cls(block_size, settings.stochastic_rounding)
 
     def scale_count(self, numel: int) -> int:
         if not self.block_size:
@@ -164,4 +167,7 @@ def build_codec(name: str, block_size: int = 256, stochastic: bool = False) -> C
     """The codec ``compression.quantization`` names."""
     if name not in CODECS:
         raise ValueError(f"unknown quantization {name!r}; use one of {', '.join(CODECS)}")
-    return CODECS[name].build(name, block_size, stochastic)
+    settings = CompressionConfig(
+        quantization=name, block_size=block_size, stochastic_rounding=stochastic
+    )
+    return CODECS[name].from_config(settings)

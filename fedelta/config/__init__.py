@@ -264,9 +264,25 @@ class RunConfig:
 
 
 # -- loading ----------------------------------------------------------------------
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
-    """Read a TOML run config (or the defaults) and apply ``key=value`` overrides."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    *,
+    follow_renames: bool = False,
+) -> RunConfig:
+    """Read a TOML run config (or the defaults) and apply ``key=value`` overrides.
+
+    A key of an earlier release is refused with its new name; with ``follow_renames``
+    (a run folder's own ``config.toml``, written by an earlier release) it is read
+    under its new name instead, so old runs can still be resumed, exported and
+    reported."""
     flat = flatten_mapping(read_toml(path)) if path is not None else {}
+    for key in [k for k in flat if k in RENAMED_KEYS]:
+        if not follow_renames:
+            raise ConfigError(
+                f"config file '{path}': key '{key}' was renamed to '{RENAMED_KEYS[key]}'"
+            )
+        flat[RENAMED_KEYS[key]] = flat.pop(key)
     flat.update(parse_overrides(overrides))
     return RunConfig.from_flat(flat)
 

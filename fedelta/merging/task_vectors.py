@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fedelta.errors import UserError
 from fedelta.models import load_tokenizer
@@ -110,11 +110,6 @@ def from_file(path: Path) -> TaskVector:
         return TaskVector({k: v.float() for k, v in load_file(str(path)).items()})
     except Exception as err:  # safetensors raises its own error types
         raise TaskVectorError(f"cannot read delta file '{path}': {err}") from err
-
-
-def save_file_vector(vector: TaskVector, path: Path) -> Path:
-    save_file({k: v.contiguous() for k, v in vector.delta.items()}, str(path))
-    return path
 
 
 def apply(model: torch.nn.Module, vector: TaskVector, scale: float = 1.0) -> torch.nn.Module:

@@ -101,7 +101,7 @@ def masked_upload(
     upload: ArrayRecord,
     num_examples: int,
     settings: PrivacyConfig,
-    site_weight: int | None = None,
+    site_weight: float | None = None,
 ) -> RecordDict:
     """The records ``secaggplus_mod`` masks: the upload's arrays in name order with its
     weight (``site_weight`` when the strategy fixes one, else ``num_examples``; in the

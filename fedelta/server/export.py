@@ -69,7 +69,7 @@ def export_adapter(
 def export_checkpoint(run_dir: Path) -> Path:
     """Write ``RUN/adapter`` from the run's last checkpoint, also for an unfinished run
     (merged across the rounds so far when ``export.merge`` asks for it)."""
-    config = load_config(run_dir / RUN_CONFIG_FILE)
+    config = load_config(run_dir / RUN_CONFIG_FILE, follow_renames=True)
     checkpoint = load_checkpoint(run_dir)
     corpus = load_corpus(config.data, config.seed)
     model = build_model(model_spec(config, corpus.num_labels))

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from fedelta import protocol
 from fedelta.build import build_strategy
-from fedelta.compatibility import check_config
+from fedelta.compatibility import check_clients_match, check_config
 from fedelta.compression import UplinkCompression
 from fedelta.config import RunConfig
 from fedelta.errors import UserError
@@ -34,7 +34,7 @@ from fedelta.privacy.secure_aggregation import SecAggPlus, SecureAggregationErro
 from fedelta.server.evaluation import CentralEvaluator, federated_result
 from fedelta.server.metrics import format_table
 from fedelta.server.round import TrainingRound, global_records, update_layout
-from fedelta.server.run_folder import RunFolder, check_clients_match, with_label_names
+from fedelta.server.run_folder import RunFolder, with_label_names
 from fedelta.server.sampling import sample_sites
 from fedelta.server.site_grid import SiteGrid
 from fedelta.strategies import EmptyRoundError, Strategy
@@ -223,13 +223,13 @@ class Federation:
         train = TrainingRound(
             self.strategy,
             self.config,
-            server_round,
-            global_state,
-            layout,
-            {site: self.nodes.ranks[site] for site in sampled},
-            len(available),
-            self.compression,
-            self.accountants,
+            server_round=server_round,
+            global_state=global_state,
+            layout=layout,
+            ranks={site: self.nodes.ranks[site] for site in sampled},
+            population=len(available),
+            compression=self.compression,
+            accountants=self.accountants,
         )
         contents = {node_of[site]: train.content(site) for site in sampled}
         if self.config.privacy.secure_aggregation:

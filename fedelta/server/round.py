@@ -71,6 +71,7 @@ class TrainingRound:
         self,
         strategy: Strategy,
         config: RunConfig,
+        *,
         server_round: int,
         global_state: TensorDict,
         layout: Layout,
@@ -101,6 +102,7 @@ class TrainingRound:
 
     @property
     def sampled(self) -> list[str]:
+        """The sites sampled for this round, in sampling order."""
         return list(self.ranks)
 
     def content(self, site: str) -> RecordDict:

@@ -151,7 +151,7 @@ class RunFolder:
 def config_changes(run_dir: Path, config: RunConfig) -> list[str]:
     """Keys whose value in ``config`` differs from the run saved in ``run_dir`` (label
     names filled in as the run saved them), except those a resumed run may change."""
-    previous = load_config(run_dir / RUN_CONFIG_FILE).to_flat()
+    previous = load_config(run_dir / RUN_CONFIG_FILE, follow_renames=True).to_flat()
     current = with_label_names(config).to_flat()
     return sorted(
         key
@@ -172,14 +172,3 @@ def with_label_names(config: RunConfig) -> RunConfig:
             "rename the labels in the data file"
         )
     return config.replace(**{"data.labels": ",".join(names)})
-
-
-def check_clients_match(strategy: Strategy, config: RunConfig) -> None:
-    """Clients follow the config's LoRA rule (what they freeze, keep and send); a
-    strategy object with another rule would reject every reply, so refuse it now."""
-    rule = getattr(getattr(strategy, "lora", None), "name", config.strategy.lora)
-    if rule != config.strategy.lora:
-        raise ConfigError(
-            f"the strategy aggregates LoRA with {rule!r} but clients follow the config's "
-            f"strategy.lora = {config.strategy.lora!r}; set strategy.lora = {rule!r}"
-        )

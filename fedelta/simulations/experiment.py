@@ -36,6 +36,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from fedelta.compatibility import check_config
 from fedelta.config import (
     RUN_CONFIG_FILE,
     ConfigError,
@@ -150,6 +151,7 @@ class Experiment:
             for seed in seeds:
                 try:
                     config = self.base.replace(**(variant.overrides | cell | {"seed": seed}))
+                    check_config(config)
                 except ConfigError as err:
                     raise ConfigError(f"experiment '{self.name}', {where}: {err}") from err
                 plans.append(

@@ -23,14 +23,14 @@ from flwr.app import RecordDict
 
 from fedelta.build import build_strategy
 from fedelta.client.session import ClientSession, ReplyTransform
-from fedelta.compatibility import check_config
+from fedelta.compatibility import check_clients_match, check_config
 from fedelta.compression import UplinkCompression
 from fedelta.config import RunConfig
 from fedelta.privacy.accounting import PrivacyAccountant
 from fedelta.protocol import Site
 from fedelta.server.evaluation import CentralEvaluator
 from fedelta.server.round import TrainingRound, update_layout
-from fedelta.server.run_folder import check_clients_match, with_label_names
+from fedelta.server.run_folder import with_label_names
 from fedelta.strategies import Strategy
 from fedelta.tasks import build_task
 
@@ -83,13 +83,13 @@ def federate(
         train = TrainingRound(
             strategy,
             config,
-            server_round,
-            state,
-            layout,
-            ranks,
-            len(sites),
-            compression,
-            accountants,
+            server_round=server_round,
+            global_state=state,
+            layout=layout,
+            ranks=ranks,
+            population=len(sites),
+            compression=compression,
+            accountants=accountants,
         )
         for site in sites:
             session = ClientSession(site, site_states[site.name], reply_transform)

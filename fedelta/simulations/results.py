@@ -51,7 +51,7 @@ class RunResult:
             raise CheckpointError(f"'{run_dir}' holds no finished run (no {SUMMARY_FILE})")
         return cls(
             run_dir=run_dir,
-            config=load_config(run_dir / RUN_CONFIG_FILE),
+            config=load_config(run_dir / RUN_CONFIG_FILE, follow_renames=True),
             summary=json.loads(summary_path.read_text(encoding="utf-8")),
             rows=MetricsLog(run_dir).rows(),
         )

@@ -85,9 +85,11 @@ class Strategy(ABC):
 
     @abstractmethod
     def accumulate(
-        self, delta: Mapping[str, torch.Tensor], num_examples: int, rank: int | None = None
+        self, delta: Mapping[str, torch.Tensor], weight: float, rank: int | None = None
     ) -> None:
-        """Fold one validated client delta (from a client of ``rank``) into the round."""
+        """Fold one validated client delta (from a client of ``rank``) into the round
+        with ``weight``: what :meth:`reply_weight` gave its reply, or the total weight
+        of a securely aggregated sum."""
 
     @abstractmethod
     def finish_round(self, global_state: Mapping[str, torch.Tensor]) -> TensorDict:

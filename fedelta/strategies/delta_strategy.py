@@ -98,12 +98,12 @@ class DeltaStrategy(Strategy):
         self.aggregator.begin(server_round)
         self._clipped = self._received = 0
 
-    def accumulate(self, delta: Delta, num_examples: int, rank: int | None = None) -> None:
+    def accumulate(self, delta: Delta, weight: float, rank: int | None = None) -> None:
         """Sparse tensors stay sparse into the mean when the LoRA rule combines factors at
         the client's rank; otherwise they are densified first (rank lifting, weight
         updates, robust rules all need every coordinate)."""
-        if num_examples <= 0:
-            raise ValueError(f"num-examples must be positive, got {num_examples}")
+        if weight <= 0:
+            raise ValueError(f"num-examples must be positive, got {weight}")
         rank = rank or self.lora.scaling.global_rank
         sparse_ok = (
             self.aggregator.sparse
@@ -116,8 +116,8 @@ class DeltaStrategy(Strategy):
         if self.clip_norm:
             update, clipped = clip_to_norm(update, self.clip_norm)
             self._clipped += clipped
-        self.aggregator.add(update, num_examples)
-        self.lora.observe(delta, rank, num_examples)
+        self.aggregator.add(update, weight)
+        self.lora.observe(delta, rank, weight)
         self._received += 1
 
     def finish_round(self, global_state: Mapping[str, torch.Tensor]) -> TensorDict:

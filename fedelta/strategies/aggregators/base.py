@@ -37,7 +37,7 @@ class Aggregator(ABC):
     weighs_senders: ClassVar[bool] = False
     """Can average each coordinate over the clients that sent it
     (``compression.weighting = "senders"``)."""
-    site_weight: ClassVar[int | None] = None
+    site_weight: ClassVar[float | None] = None
     """The weight of every site's update whatever its example count; ``None`` weighs
     each by its examples."""
 

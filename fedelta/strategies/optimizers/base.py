@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from fedelta.config import StrategyConfig
+from fedelta.config import RunConfig
 from fedelta.tensors import TensorDict
 
 
@@ -31,10 +31,10 @@ class ServerOptimizer(ABC):
         self.lr = self.default_lr if not lr else lr
 
     @classmethod
-    def from_config(cls, settings: StrategyConfig) -> ServerOptimizer:
+    def from_config(cls, config: RunConfig) -> ServerOptimizer:
         """The optimizer with a run's ``[strategy]`` settings (``server-lr`` 0: the
         optimizer's default)."""
-        return cls(lr=settings.server_lr or None)
+        return cls(lr=config.strategy.server_lr or None)
 
     @abstractmethod
     def step(

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fedelta.config import StrategyConfig
+from fedelta.config import RunConfig
 from fedelta.strategies.optimizers.base import ServerOptimizer
 from fedelta.tensors import TensorDict
 
@@ -22,8 +22,8 @@ class FedAvgM(ServerOptimizer):
         self.velocity: TensorDict = {}
 
     @classmethod
-    def from_config(cls, settings: StrategyConfig) -> FedAvgM:
-        return cls(lr=settings.server_lr or None, momentum=settings.momentum)
+    def from_config(cls, config: RunConfig) -> FedAvgM:
+        return cls(lr=config.strategy.server_lr or None, momentum=config.strategy.momentum)
 
     def step(
         self, params: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]

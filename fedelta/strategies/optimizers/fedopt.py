@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fedelta.config import StrategyConfig
+from fedelta.config import RunConfig
 from fedelta.strategies.optimizers.base import ServerOptimizer
 from fedelta.tensors import TensorDict
 
@@ -36,7 +36,8 @@ class FedOpt(ServerOptimizer):
         self.v: TensorDict = {}
 
     @classmethod
-    def from_config(cls, settings: StrategyConfig) -> FedOpt:
+    def from_config(cls, config: RunConfig) -> FedOpt:
+        settings = config.strategy
         return cls(
             lr=settings.server_lr or None,
             beta1=settings.beta1,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedelta.config import StrategyConfig
+from fedelta.config import RunConfig
 from fedelta.strategies.optimizers.fedavg import FedAvg
 
 PROXIMAL_MU = "proximal-mu"
@@ -20,8 +20,8 @@ class FedProx(FedAvg):
         self.mu = mu
 
     @classmethod
-    def from_config(cls, settings: StrategyConfig) -> FedProx:
-        return cls(lr=settings.server_lr or None, mu=settings.proximal_mu)
+    def from_config(cls, config: RunConfig) -> FedProx:
+        return cls(lr=config.strategy.server_lr or None, mu=config.strategy.proximal_mu)
 
     def client_config(self) -> dict[str, bool | int | float | str]:
         return {PROXIMAL_MU: self.mu}
