@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 from fedelta.build import build_strategy
 from fedelta.compression import CODECS, SPARSITY
-from fedelta.config import ConfigError, RunConfig, StrategyConfig
+from fedelta.config import ConfigError, RunConfig, StrategyConfig, check_choice
 from fedelta.data import PARTITIONERS
 from fedelta.merging import EXPORT_MERGES
 from fedelta.strategies import AGGREGATORS, LORA_AGGREGATIONS, OPTIMIZERS, Strategy
@@ -36,8 +36,8 @@ def check_config(config: RunConfig) -> None:
     SPARSITY[config.compression.sparsity]
     CODECS[config.compression.quantization]
     TASKS[config.model.task]
-    _one_of("data.partitioner", config.data.partitioner, PARTITIONERS)
-    _one_of("export.merge", config.export.merge, EXPORT_MERGES)
+    check_choice("data.partitioner", config.data.partitioner, PARTITIONERS)
+    check_choice("export.merge", config.export.merge, EXPORT_MERGES)
     _check_lora(config)
     _check_compression(config)
     _check_task(config)
@@ -220,11 +220,6 @@ def _check_secure_aggregation(config: RunConfig) -> None:
             "config key 'min-train-nodes' must be >= 3 with privacy.secure-aggregation "
             f"(got {config.min_train_nodes}): with two clients each learns the other's upload"
         )
-
-
-def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)} (got {value!r})")
 
 
 def _refuse_with(config: RunConfig, option: str, conflicts: Mapping[str, tuple[bool, str]]) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Generic, TypeVar
 
-from fedelta.config import ConfigError
+from fedelta.config import check_choice
 
 T = TypeVar("T")
 
@@ -55,12 +55,8 @@ class Registry(Mapping[str, T], Generic[T]):
         return self._summaries[name]
 
     def __getitem__(self, name: str) -> T:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise ConfigError(
-                f"config key '{self.key}' must be one of {', '.join(self._entries)} (got {name!r})"
-            ) from None
+        check_choice(self.key, name, self._entries)
+        return self._entries[name]
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -46,6 +46,9 @@ def _modules() -> dict[str, Path]:
     return modules
 
 
+MODULES = set(_modules())
+
+
 def _unit(module: str) -> str:
     """The layer unit of a module: its package, or the module itself at the top level."""
     parts = module.split(".")
@@ -65,13 +68,8 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             # ``from fedelta import protocol`` imports the module fedelta.protocol
-            names = [
-                f"{node.module}.{alias.name}"
-                if (ROOT.parent / node.module.replace(".", "/") / f"{alias.name}.py").is_file()
-                or (ROOT.parent / node.module.replace(".", "/") / alias.name).is_dir()
-                else node.module
-                for alias in node.names
-            ]
+            submodules = {f"{node.module}.{alias.name}" for alias in node.names}
+            names = sorted(submodules & MODULES) or [node.module]
         elif isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         else:

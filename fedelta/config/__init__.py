@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -201,17 +201,18 @@ class RunConfig:
     # -- validation --------------------------------------------------------------
     def validate(self) -> None:
         """Reject values that are impossible on their own, before any model is built."""
+        flat = self.to_flat()
         for key, allowed in RANGES.items():
-            if not _in_range(self._get(key), allowed):
+            if not _in_range(flat[key], allowed):
                 why = f"must be {allowed}" if allowed[0] in "<>" else f"must be in {allowed}"
-                raise ConfigError(f"config key '{key}' {why} (got {self._get(key)!r})")
+                raise ConfigError(f"config key '{key}' {why} (got {flat[key]!r})")
         checks = [
             ("model.name", bool(self.model.name.strip()), "must not be empty"),
             ("lora.target-modules", bool(self.lora.target_module_list()), "must name a module"),
         ]
         for key, ok, why in checks:
             if not ok:
-                raise ConfigError(f"config key '{key}' {why} (got {self._get(key)!r})")
+                raise ConfigError(f"config key '{key}' {why} (got {flat[key]!r})")
         choices = {
             "short-round": ("retry", "skip", "stop"),
             "strategy.rank-projection": ("truncate", "svd"),
@@ -220,11 +221,7 @@ class RunConfig:
             "privacy.client-dp": ("none", "central", "distributed"),
         }
         for key, allowed in choices.items():
-            if self._get(key) not in allowed:
-                raise ConfigError(
-                    f"config key '{key}' must be one of {', '.join(allowed)} "
-                    f"(got {self._get(key)!r})"
-                )
+            check_choice(key, flat[key], allowed)
         self._validate_ranks()
         labels = self.data.label_list()
         if self.data.labels.strip() and (len(labels) < 2 or len(set(labels)) != len(labels)):
@@ -259,8 +256,12 @@ class RunConfig:
                 f"{self.lora.r}]; lora.r is the rank of the global adapter"
             )
 
-    def _get(self, key: str) -> Any:
-        return self.to_flat()[key]
+
+def check_choice(key: str, value: Any, allowed: Collection[str]) -> None:
+    """Raise :class:`ConfigError` naming ``key`` and the choices unless ``value`` is one
+    of ``allowed`` (the config's own options and every registry use it)."""
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)} (got {value!r})")
 
 
 # -- loading ----------------------------------------------------------------------
@@ -408,6 +409,7 @@ __all__ = [
     "RunConfig",
     "SimulationConfig",
     "StrategyConfig",
+    "check_choice",
     "flatten_mapping",
     "load_config",
     "parse_overrides",
