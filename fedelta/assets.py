@@ -13,6 +13,10 @@ from pathlib import Path
 
 from fedelta.errors import UserError
 
+INFO_FILE = "fedelta.json"
+"""What fedelta writes beside every model or adapter it exports: the base model, the
+task, the labels and how the head pools."""
+
 
 class AssetNotInstalledError(UserError, FileNotFoundError):
     """A built-in asset's package is missing; the message says how to install it."""

@@ -67,4 +67,5 @@ def model_spec(config: RunConfig, num_labels: int, rank: int | None = None) -> M
         freeze_lora_a=LORA_AGGREGATIONS[config.strategy.lora].freezes_a,
         finetuning=config.model.finetuning,
         task=config.model.task,
+        pooling=config.model.pooling,
     )

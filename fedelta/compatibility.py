@@ -125,6 +125,19 @@ def _check_task(config: RunConfig) -> None:
         raise ConfigError(
             "config key 'data.packing' needs model.task = " + " or ".join(f'"{n}"' for n in packers)
         )
+    if config.model.pooling == "mean" and not task.pools:
+        poolers = " or ".join(f'"{n}"' for n, t in TASKS.items() if t.pools)
+        raise ConfigError(
+            f"config key 'model.pooling' = \"mean\" pools token states for a head, which "
+            f'model.task = "{task.name}" has none of; use it with model.task = {poolers}'
+        )
+    if config.loss != "cross-entropy" and not task.calibrates:
+        calibrated = " or ".join(f'"{n}"' for n, t in TASKS.items() if t.calibrates)
+        raise ConfigError(
+            f"config key 'loss' = \"{config.loss}\" calibrates class logits by the site's "
+            f'label prior, which model.task = "{task.name}" has no labels for; use it with '
+            f"model.task = {calibrated}"
+        )
 
 
 def _check_privacy(config: RunConfig) -> None:
@@ -149,6 +162,14 @@ def _check_privacy(config: RunConfig) -> None:
             "compression.sparsity": (
                 SPARSITY[config.compression.sparsity].trains_mask,
                 "training-time masks edit gradients after Opacus noised them",
+            ),
+            "max-grad-norm": (
+                config.max_grad_norm > 0,
+                "DP-SGD clips each example's gradient to privacy.max-grad-norm instead",
+            ),
+            "warmup-steps": (
+                config.warmup_steps > 0,
+                "DP-SGD steps at the round's lr (use lr-scheduler across rounds)",
             ),
         }
         _refuse_with(config, "privacy.dp-sgd", refused)

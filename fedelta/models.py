@@ -52,6 +52,8 @@ class ModelSpec:
     finetuning: str = "lora"
     """``lora``: adapters on ``target_modules``; ``full``: those modules' own weights."""
     task: str = "classification"
+    pooling: str = "cls"
+    """``model.pooling``: ``cls``, ``mean`` or ``auto`` (the checkpoint's own)."""
 
 
 def resolve_model_path(name: str) -> str:
@@ -70,15 +72,18 @@ def resolve_model_path(name: str) -> str:
     return name  # a hub id; transformers resolves it from the local cache when offline
 
 
-def load_base_model(name: str, num_labels: int, task: str = "classification") -> torch.nn.Module:
+def load_base_model(
+    name: str, num_labels: int, task: str = "classification", pooling: str = "cls"
+) -> torch.nn.Module:
     """The pretrained model for ``task``: with a fresh classification head of
-    ``num_labels``, or a causal LM as it was released."""
+    ``num_labels`` over tokens pooled as ``pooling`` says, or a causal LM as it was
+    released."""
     path = resolve_model_path(name)
     # A newly initialised head and per-layer loading bars are expected, not news.
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     try:
-        return TASKS[task].load_pretrained(path, num_labels)
+        return TASKS[task].load_pretrained(path, num_labels, pooling)
     except OSError as err:
         raise ModelNotFoundError(
             f"cannot load model '{name}': {err}. Use a built-in alias "
@@ -97,7 +102,7 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
     base with only the target modules and the head trainable. Seeded, so every
     process starts from the same initialisation."""
     torch.manual_seed(spec.seed)
-    base = load_base_model(spec.name, spec.num_labels, spec.task)
+    base = load_base_model(spec.name, spec.num_labels, spec.task, spec.pooling)
     if spec.finetuning == "full":
         return _full_finetuning(base, spec)
     lora = LoraConfig(

@@ -34,6 +34,9 @@ FOLD = "fold"
 """ArrayRecord: base-weight corrections of folding strategies (server to client)."""
 LOCAL_ADAPTER = "local-adapter"
 """ArrayRecord in a node's ``Context.state``: adapter tensors a site keeps to itself."""
+OPTIMIZER_STATE = "optimizer-state"
+"""ArrayRecord in a node's ``Context.state``: the local optimizer's moments
+(``keep-optimizer-state``)."""
 
 DP_SPENT = "dp-spent"
 """ConfigRecord: the DP-SGD mechanisms a site has reported so far, as the server's

@@ -39,15 +39,19 @@ class SiteState:
     """Adapter tensors the site keeps to itself (FedSA-LoRA's B)."""
     accountant: PrivacyAccountant = field(default_factory=PrivacyAccountant)
     """What DP-SGD has spent of the site's budget."""
+    optimizer: TensorDict = field(default_factory=dict)
+    """The local optimizer's moments, under ``keep-optimizer-state``."""
 
     @classmethod
     def load(cls, state: RecordDict) -> SiteState:
         """The state a ``RecordDict`` holds (empty before the site's first round)."""
         local = state.array_records.get(protocol.LOCAL_ADAPTER)
+        optimizer = state.array_records.get(protocol.OPTIMIZER_STATE)
         return cls(
             ClientMemory.load(state),
             deltas.decode(local) if local is not None else {},
             PrivacyAccountant.load(state),
+            deltas.decode(optimizer) if optimizer is not None else {},
         )
 
     def save(self, state: RecordDict) -> None:
@@ -57,6 +61,8 @@ class SiteState:
             state[protocol.LOCAL_ADAPTER] = deltas.encode(self.local)
         if self.accountant.history:
             self.accountant.save(state)
+        if self.optimizer:
+            state[protocol.OPTIMIZER_STATE] = deltas.encode(self.optimizer)
 
 
 class ClientSession:
@@ -95,7 +101,9 @@ class ClientSession:
             spent = PrivacyAccountant.from_record(reported)
             state.accountant = state.accountant.at_least(spent, privacy.delta)
         try:
-            out = trainer.fit(start, server_round, instructions, state.memory, state.accountant)
+            out = trainer.fit(
+                start, server_round, instructions, state.memory, state.accountant, state.optimizer
+            )
         except PrivacyBudgetError as err:
             if privacy.secure_aggregation:
                 raise
@@ -108,6 +116,7 @@ class ClientSession:
                 RecordDict({protocol.REFUSED: refusal, protocol.METRICS: spent_so_far}),
             )
         state.local = out.kept or state.local
+        state.optimizer = out.optimizer_state or state.optimizer
         state.save(self.state)
         metrics = {
             protocol.NUM_EXAMPLES: len(trainer.data.train),

@@ -22,10 +22,18 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedelta.build import build_lora_aggregation, model_spec
+from fedelta.client.calibration import LogitCalibration
 from fedelta.client.view import load_client_view
 from fedelta.compression import ClientMemory, UplinkCompression
 from fedelta.config import RunConfig
-from fedelta.data import ClientData, cycle, label_names, load_client_data, load_site_data
+from fedelta.data import (
+    LABEL,
+    ClientData,
+    cycle,
+    label_names,
+    load_client_data,
+    load_site_data,
+)
 from fedelta.lora import B_SUFFIX, rank_layout
 from fedelta.models import adapter_layout, adapter_state, cached_model
 from fedelta.privacy.accounting import PrivacyAccountant
@@ -37,7 +45,15 @@ from fedelta.seeding import derive_seed, seed_everything
 from fedelta.strategies.optimizers import PROXIMAL_MU
 from fedelta.tasks import EvalResult, build_task
 from fedelta.tensors import TensorDict
-from fedelta.training import TrainResult, steps_for, train
+from fedelta.training import (
+    TrainResult,
+    local_optimizer,
+    restore_optimizer_state,
+    round_lr,
+    steps_for,
+    train,
+)
+from fedelta.training import optimizer_state as optimizer_state_of
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,8 @@ class FitOutput:
     result: TrainResult
     private: PrivateRound | None = None
     """What DP-SGD spent this round (``privacy.dp-sgd``)."""
+    optimizer_state: TensorDict | None = None
+    """The optimizer's state after the round, for the site to keep (``keep-optimizer-state``)."""
 
 
 class ClientTrainer:
@@ -75,6 +93,13 @@ class ClientTrainer:
         built = cached_model(model_spec(config, num_labels, self.rank))
         self.model, self.tokenizer = built.model, built.tokenizer
         self.initial_state = built.initial_state
+        self.loss_fn = (
+            LogitCalibration.for_labels(
+                config.loss, config.calibration_tau, self.data.train[LABEL], num_labels
+            )
+            if config.loss != "cross-entropy"
+            else None
+        )
 
     @property
     def global_layout(self) -> dict[str, tuple[int, ...]]:
@@ -115,11 +140,13 @@ class ClientTrainer:
         instructions: Mapping[str, bool | int | float | str] | None = None,
         memory: ClientMemory | None = None,
         accountant: PrivacyAccountant | None = None,
+        optimizer_state: TensorDict | None = None,
     ) -> FitOutput:
         """Train from ``start`` (loaded by :meth:`receive`) and encode the delta of the
         tensors this client sends. ``instructions`` is what the strategy asks this round
         (a proximal term, client-level DP noise); ``memory`` (error feedback, SpIEL
-        indices) and ``accountant`` (DP-SGD budget) are the site's, and are updated.
+        indices) and ``accountant`` (DP-SGD budget) are the site's, and are updated;
+        ``optimizer_state`` is what the site kept of its optimizer last round.
 
         Raises :class:`~fedelta.privacy.accounting.PrivacyBudgetError` before training
         if DP-SGD would take the site past its budget."""
@@ -130,7 +157,11 @@ class ClientTrainer:
         seed_everything(seed)
         accumulation = cfg.gradient_accumulation_steps
         steps = steps_for(
-            len(self.data.train), cfg.batch_size * accumulation, cfg.local_epochs, cfg.local_steps
+            len(self.data.train),
+            cfg.batch_size * accumulation,
+            cfg.local_epochs,
+            cfg.local_steps,
+            cfg.max_local_epochs,
         )
         exchanged = {k for k in start if self.rule.exchanged(k)}
         sent = sorted(self.compression.uplink_names(exchanged, server_round))
@@ -139,7 +170,20 @@ class ClientTrainer:
             {k: start[k] for k in sent}, memory, server_round, site_seed
         )
         private = None
+        lr = round_lr(cfg.lr, cfg.lr_scheduler, cfg.min_lr, server_round, cfg.num_server_rounds)
+        head_lr = lr * cfg.head_lr / cfg.lr
         with _frozen(self.model, exchanged - set(sent)):
+            named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+            optimizer = local_optimizer(
+                named,
+                optim=cfg.optim,
+                lr=lr,
+                head_lr=head_lr,
+                weight_decay=cfg.weight_decay,
+                momentum=cfg.sgd_momentum,
+            )
+            if cfg.keep_optimizer_state and optimizer_state:
+                restore_optimizer_state(optimizer, named, optimizer_state)
             if cfg.privacy.dp_sgd:
                 private = train_private(
                     self.model,
@@ -149,11 +193,13 @@ class ClientTrainer:
                     batch_size=cfg.batch_size,
                     steps=steps,
                     rounds=cfg.num_server_rounds,
-                    lr=cfg.lr,
+                    lr=lr,
                     weight_decay=cfg.weight_decay,
                     settings=cfg.privacy,
                     accountant=accountant if accountant is not None else PrivacyAccountant(),
                     seed_parts=(site_seed, 1),
+                    optimizer=optimizer,
+                    loss_fn=self.loss_fn,
                 )
                 result = private.result
             else:
@@ -163,13 +209,21 @@ class ClientTrainer:
                 result = train(
                     self.model,
                     cycle(loader, steps * accumulation),
-                    lr=cfg.lr,
-                    weight_decay=cfg.weight_decay,
+                    lr=lr,
+                    optimizer=optimizer,
                     proximal_mu=float(instructions.get(PROXIMAL_MU, 0.0)),
                     anchor=start,
                     hook=mask,
                     accumulation=accumulation,
+                    warmup_steps=cfg.warmup_steps,
+                    max_grad_norm=cfg.max_grad_norm,
+                    loss_fn=self.loss_fn,
                 )
+            kept_optimizer = None
+            if cfg.keep_optimizer_state:
+                # Entries of parameters frozen this round stay for a later round.
+                kept_optimizer = dict(optimizer_state or {})
+                kept_optimizer |= optimizer_state_of(optimizer, named)
         trained = adapter_state(self.model)
         delta = {k: trained[k] - start[k] for k in sent}
         if cfg.privacy.client_dp == "distributed":
@@ -182,7 +236,7 @@ class ClientTrainer:
             )
         kept = {k: trained[k] for k in start if self.rule.local_b and k.endswith(B_SUFFIX)}
         upload = self.compression.compress(delta, memory, server_round, site_seed, mask)
-        return FitOutput(upload, kept, result, private)
+        return FitOutput(upload, kept, result, private, kept_optimizer)
 
     def evaluate(self) -> EvalResult:
         """Evaluate the model loaded by :meth:`receive` on the local validation split."""

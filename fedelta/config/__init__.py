@@ -63,6 +63,13 @@ RANGES = {
     "local-epochs": ">= 1",
     "local-steps": ">= 0",
     "lr": "> 0",
+    "max-local-epochs": ">= 0",
+    "min-lr": ">= 0",
+    "warmup-steps": ">= 0",
+    "head-lr": ">= 0",
+    "sgd-momentum": "[0, 1)",
+    "max-grad-norm": ">= 0",
+    "calibration-tau": ">= 0",
     "batch-size": ">= 1",
     "gradient-accumulation-steps": ">= 1",
     "weight-decay": ">= 0",
@@ -141,7 +148,35 @@ class RunConfig:
     local_epochs: int = 1
     local_steps: int = 25
     """Optimizer steps per round on each client; 0 trains ``local-epochs`` instead."""
+    max_local_epochs: float = 0.0
+    """Cap on the passes over its data a site makes in one round (a 41-example site at
+    25 steps of 16 would make 10); 0: no cap. A capped site takes fewer steps."""
     lr: float = 2e-3
+    """Client learning rate (of round 1, under ``lr-scheduler``)."""
+    lr_scheduler: str = "constant"
+    """How the client lr moves across rounds: ``constant``, ``linear`` or ``cosine``
+    decay from ``lr`` in round 1 towards ``min-lr`` after the last round."""
+    min_lr: float = 0.0
+    """The lr that ``linear`` and ``cosine`` decay towards."""
+    warmup_steps: int = 0
+    """Local steps at the start of each round whose lr ramps linearly up to the round's."""
+    head_lr: float = 0.0
+    """Learning rate of the classification head (scheduled like ``lr``); 0: ``lr``."""
+    optim: str = "adamw"
+    """Client optimizer: ``adamw`` or ``sgd`` (with ``sgd-momentum``)."""
+    sgd_momentum: float = 0.9
+    keep_optimizer_state: bool = False
+    """Sites keep their optimizer state (AdamW moments, SGD momentum) from round to
+    round instead of starting each round afresh."""
+    max_grad_norm: float = 0.0
+    """Clip each step's gradient to this global L2 norm (0: off). Under DP-SGD the
+    per-example bound is ``privacy.max-grad-norm`` instead."""
+    loss: str = "cross-entropy"
+    """Classification training loss: ``cross-entropy``, ``logit-adjusted`` (balanced
+    softmax / logit adjustment by the site's label prior) or ``fedlc`` (FedLC's
+    calibration by label counts); see :mod:`fedelta.client.calibration`."""
+    calibration_tau: float = 1.0
+    """Strength of the ``logit-adjusted`` and ``fedlc`` calibration."""
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
     """Batches whose gradients are summed into one optimizer step (a step then sees
@@ -215,8 +250,12 @@ class RunConfig:
                 raise ConfigError(f"config key '{key}' {why} (got {flat[key]!r})")
         choices = {
             "short-round": ("retry", "skip", "stop"),
+            "lr-scheduler": ("constant", "linear", "cosine"),
+            "optim": ("adamw", "sgd"),
+            "loss": ("cross-entropy", "logit-adjusted", "fedlc"),
             "strategy.rank-projection": ("truncate", "svd"),
             "model.finetuning": ("lora", "full"),
+            "model.pooling": ("auto", "cls", "mean"),
             "compression.weighting": ("all", "senders"),
             "privacy.client-dp": ("none", "central", "distributed"),
         }
@@ -228,6 +267,11 @@ class RunConfig:
             raise ConfigError(
                 "config key 'data.labels' must list at least 2 distinct label names "
                 f"(got {self.data.labels!r})"
+            )
+        if self.lr_scheduler != "constant" and self.min_lr > self.lr:
+            raise ConfigError(
+                f"config key 'min-lr' must be <= 'lr' ({self.min_lr} > {self.lr}): "
+                f"lr-scheduler = {self.lr_scheduler!r} decays towards it"
             )
         if self.min_train_replies > self.min_train_nodes:
             raise ConfigError(

@@ -22,6 +22,11 @@ class ModelConfig:
     """``lora`` trains LoRA adapters on ``lora.target-modules``; ``full`` trains those
     modules' weights and biases directly (no adapter), e.g. for sparse fine-tuning.
     The classification head trains in both."""
+    pooling: str = "auto"
+    """Classification: what the head reads: the ``[CLS]`` token through the model's
+    pooler (``cls``), the attention-masked mean of the token states (``mean``), or
+    what the checkpoint's sentence-transformers pooling config says (``auto``; ``cls``
+    when it has none). all-MiniLM-L6-v2 was trained for mean pooling."""
 
 
 @dataclass

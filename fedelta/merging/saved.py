@@ -158,9 +158,15 @@ def _merge_products(
             raise TaskVectorError(
                 f"'{s}' was trained on {info.get('base-model')!r}, '{sources[0]}' on {base!r}"
             )
+        if (pooling := info.get("pooling", "cls")) != infos[0].get("pooling", "cls"):
+            raise TaskVectorError(
+                f"'{s}' pools with {pooling!r}, '{sources[0]}' with "
+                f"{infos[0].get('pooling', 'cls')!r}: their heads read different vectors"
+            )
     delta = merge_dicts([v.delta for v in vectors], method, weights, density, seed)
     heads = merge_dicts([v.replace for v in vectors], method, weights, density, seed)
     merged = TaskVector(delta, heads, infos[0])
-    model = apply(load_base_model(base, len(merged.labels), merged.task), merged)
+    pooling = infos[0].get("pooling", "cls")
+    model = apply(load_base_model(base, len(merged.labels), merged.task, pooling), merged)
     merge = {"method": method, "density": density, "weights": list(weights)}
     return save_model_folder(model, out, merged, base, merged=merge)

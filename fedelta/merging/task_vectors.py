@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from fedelta.assets import INFO_FILE
 from fedelta.errors import UserError
 from fedelta.models import load_tokenizer
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-INFO_FILE = "fedelta.json"
 
 
 class TaskVectorError(UserError, ValueError):
@@ -152,6 +152,7 @@ def save_model_folder(
         "task": vector.task,
         "labels": labels,
         "finetuning": "full",
+        **({"pooling": vector.info["pooling"]} if "pooling" in vector.info else {}),
         **{k.replace("_", "-"): v for k, v in extra.items()},
     }
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

@@ -61,8 +61,9 @@ def load_vector(source: Path, base_from: str) -> TaskVector:
     if (source / "config.json").is_file():
         info = read_info(source)
         task, labels = info.get("task", "classification"), info.get("labels", [])
-        tuned = load_base_model(str(source), len(labels), task)
-        return from_models(tuned, load_base_model(base_from, len(labels), task), info)
+        pooling = info.get("pooling", "cls")
+        tuned = load_base_model(str(source), len(labels), task, pooling)
+        return from_models(tuned, load_base_model(base_from, len(labels), task, pooling), info)
     raise TaskVectorError(
         f"'{source}' is not a run directory, an adapter, a model folder or a delta file"
     )
@@ -120,8 +121,9 @@ def transfer(source: Path, base_from: str, base_to: str, out: Path) -> dict[str,
     if not labels and vector.replace and task == "classification":
         head = next(v for k, v in vector.replace.items() if k.endswith("weight"))
         labels = [str(i) for i in range(head.shape[0])]
-    v1 = load_base_model(base_from, len(labels), task)
-    v2 = load_base_model(base_to, len(labels), task)
+    pooling = vector.info.get("pooling", "cls")
+    v1 = load_base_model(base_from, len(labels), task, pooling)
+    v2 = load_base_model(base_to, len(labels), task, pooling)
     overall, per_block = shifts(vector, v1, v2)
     vector.info["labels"] = labels
     save_model_folder(

@@ -34,7 +34,7 @@ from fedelta.privacy.noise import noise_generator
 from fedelta.protocol import BUDGET_SPENT
 from fedelta.seeding import seed_everything
 from fedelta.tasks import Task
-from fedelta.training import TrainResult
+from fedelta.training import LossFn, TrainResult
 
 
 class DPTrainingError(RuntimeError):
@@ -97,12 +97,16 @@ def train_private(
     settings: PrivacyConfig,
     accountant: PrivacyAccountant,
     seed_parts: tuple[int, ...],
+    optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: LossFn | None = None,
 ) -> PrivateRound:
     """``steps`` DP-SGD steps (AdamW on the noised gradients) over ``examples``.
 
     ``accountant`` is the site's: checked against the budget before anything trains
     (raising :class:`PrivacyBudgetError`), and charged with this round's steps.
     ``model`` is left without Opacus hooks, ready for evaluation or plain training.
+    ``optimizer`` (default: AdamW at ``lr``) steps the noised gradients; ``loss_fn``
+    (default: the task's per-example mean loss) must stay a mean of per-example losses.
     """
     if not examples:
         raise ValueError("no example to train on")
@@ -123,7 +127,9 @@ def train_private(
         # Poisson sampling draws from torch's global generator.
         seed_everything(secrets.randbits(63))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    example_loss = loss_fn or task.example_mean_loss
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = list(accountant.history)
     model.train()
@@ -147,7 +153,7 @@ def train_private(
                 for p in params:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
             else:
-                loss = task.example_mean_loss(private_model, batch)
+                loss = example_loss(private_model, batch)
                 value = loss.item()
                 if not math.isfinite(value):
                     raise FloatingPointError(f"training loss became {value}")

@@ -19,6 +19,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
+from fedelta.assets import INFO_FILE
 from fedelta.build import model_spec
 from fedelta.config import RUN_CONFIG_FILE, load_config
 from fedelta.data import load_corpus
@@ -31,10 +32,11 @@ from fedelta.models import (
 )
 from fedelta.server.checkpoint import load_checkpoint
 from fedelta.server.evaluation import load_global_state
+from fedelta.tasks import TASKS
+from fedelta.tasks.pooling import pooling_of
 
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
-INFO_FILE = "fedelta.json"
 CORRECTIONS_FILE = "base_corrections.safetensors"
 
 
@@ -52,6 +54,8 @@ def export_adapter(
     load_global_state(model, global_state)
     model.save_pretrained(str(out_dir))
     info = {"base-model": model_name, "task": task, "labels": list(label_names)}
+    if TASKS[task].pools:
+        info["pooling"] = pooling_of(model)
     if not isinstance(model, PeftModel):
         info["finetuning"] = "full"
     folds = {
@@ -94,9 +98,10 @@ def load_exported(adapter_dir: Path) -> torch.nn.Module:
         raise FileNotFoundError(f"'{adapter_dir}' has no {INFO_FILE}; is it a fedelta adapter?")
     info = json.loads(info_path.read_text(encoding="utf-8"))
     task, labels = info.get("task", "classification"), info["labels"]
+    pooling = info.get("pooling", "cls")
     if info.get("finetuning") == "full":
-        return load_base_model(str(adapter_dir), len(labels), task)
-    base = load_base_model(info["base-model"], len(labels), task)
+        return load_base_model(str(adapter_dir), len(labels), task, pooling)
+    base = load_base_model(info["base-model"], len(labels), task, pooling)
     if labels:
         base.config.id2label = dict(enumerate(labels))
         base.config.label2id = {name: i for i, name in enumerate(labels)}

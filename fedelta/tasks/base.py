@@ -43,6 +43,10 @@ class Task(ABC):
     """The ``data.partitioner`` values that can split this task's data."""
     packs: ClassVar[bool] = False
     """Can pack tokenised examples into blocks (``data.packing``)."""
+    pools: ClassVar[bool] = False
+    """Reads one pooled vector per example (``model.pooling`` applies)."""
+    calibrates: ClassVar[bool] = False
+    """Has a label prior that a calibrated loss can correct for (``loss``)."""
 
     def __init__(self, max_length: int) -> None:
         self.max_length = max_length
@@ -54,8 +58,9 @@ class Task(ABC):
 
     @classmethod
     @abstractmethod
-    def load_pretrained(cls, path: str, num_labels: int) -> torch.nn.Module:
-        """The pretrained model for this task (a new head of ``num_labels`` if it has one)."""
+    def load_pretrained(cls, path: str, num_labels: int, pooling: str = "cls") -> torch.nn.Module:
+        """The pretrained model for this task (a new head of ``num_labels`` if it has one,
+        reading tokens pooled as ``pooling`` says, where the task pools)."""
 
     @classmethod
     def prepare_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -44,7 +44,7 @@ class CausalLM(Task):
         return cls(config.model.max_length, packing=config.data.packing)
 
     @classmethod
-    def load_pretrained(cls, path: str, num_labels: int) -> torch.nn.Module:
+    def load_pretrained(cls, path: str, num_labels: int, pooling: str = "cls") -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(path)
 
     @classmethod

@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 
 from fedelta.data import LABEL, TEXT
 from fedelta.tasks.base import EvalResult, Task
+from fedelta.tasks.pooling import apply_pooling, resolve_pooling
 
 
 class Classification(Task):
@@ -20,10 +21,13 @@ class Classification(Task):
     data_kind = "labelled text"
     eval_batch_size = 64
     partitioners = ("iid", "dirichlet")
+    pools = True
+    calibrates = True
 
     @classmethod
-    def load_pretrained(cls, path: str, num_labels: int) -> torch.nn.Module:
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    def load_pretrained(cls, path: str, num_labels: int, pooling: str = "cls") -> torch.nn.Module:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        return apply_pooling(model, resolve_pooling(pooling, path), path)
 
     def accepts(self, dataset: datasets.Dataset) -> bool:
         return {TEXT, LABEL} <= set(dataset.column_names)
