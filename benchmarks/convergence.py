@@ -130,12 +130,18 @@ def table(results: dict, args: argparse.Namespace) -> str:
                 f"{statistics.mean(r['minutes'] for r in runs):.1f}",
             ]
         )
-    header = ["arm", "changes", "seeds", "final (mean ± std)", "worst final", "worst drop r3+", "min/run"]
+    header = [
+        "arm",
+        "changes",
+        "seeds",
+        "final (mean ± std)",
+        "worst final",
+        "worst drop r3+",
+        "min/run",
+    ]
     parts = [harness.markdown_table(header, summary, align="llrrrrr")]
     rounds = max(len(r["rounds"]) - 1 for r in results.values())
-    curves = [
-        [r["arm"], r["seed"], *harness.curve_cells(r["rounds"])] for r in results.values()
-    ]
+    curves = [[r["arm"], r["seed"], *harness.curve_cells(r["rounds"])] for r in results.values()]
     parts.append(harness.markdown_table(["arm", "seed", *harness.curve_header(rounds)], curves))
     return "\n\n".join(parts)
 
