@@ -32,6 +32,12 @@ SITE = "site"
 """ConfigRecord: who a node is (client to server, answering a query)."""
 FOLD = "fold"
 """ArrayRecord: base-weight corrections of folding strategies (server to client)."""
+HEAD_STATISTICS = "head-statistics"
+"""ArrayRecord: a site's per-class sums of head-input features and counts (client to
+server, answering a :data:`HEAD_STATISTICS_MESSAGE`; ``strategy.head = "ncm"``)."""
+HEAD_STATISTICS_ACTION = "head_statistics"
+HEAD_STATISTICS_MESSAGE = f"query.{HEAD_STATISTICS_ACTION}"
+"""Flower message type of the server's request for head statistics, before round 1."""
 LOCAL_ADAPTER = "local-adapter"
 """ArrayRecord in a node's ``Context.state``: adapter tensors a site keeps to itself."""
 

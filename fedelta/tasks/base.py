@@ -43,6 +43,8 @@ class Task(ABC):
     """The ``data.partitioner`` values that can split this task's data."""
     packs: ClassVar[bool] = False
     """Can pack tokenised examples into blocks (``data.packing``)."""
+    has_head: ClassVar[bool] = False
+    """Adds a new classification head, which ``strategy.head`` can treat apart."""
 
     def __init__(self, max_length: int) -> None:
         self.max_length = max_length

@@ -20,6 +20,7 @@ class Classification(Task):
     data_kind = "labelled text"
     eval_batch_size = 64
     partitioners = ("iid", "dirichlet")
+    has_head = True
 
     @classmethod
     def load_pretrained(cls, path: str, num_labels: int) -> torch.nn.Module:
