@@ -7,7 +7,8 @@ before anything trains, by the flags the components declare: a LoRA rule's
 ``factor_space``, ``linear``, ``refactorable``, ``needs_adapter``; an aggregator's
 ``weighs_senders``; an optimizer's ``client_loss_term``; a sparsity method's
 ``sparse``, ``sends_indices``, ``trains_mask``; a codec's ``exact``; a task's
-``partitioners`` and ``packs``. A new component states its flags and every rule
+``partitioners``, ``packs`` and ``has_head``; a head strategy's ``initialises`` and
+``phased``. A new component states its flags and every rule
 follows.
 
 Every engine runs :func:`check_config` before its first round: ``fedelta simulate``,
@@ -24,6 +25,7 @@ from fedelta.config import ConfigError, RunConfig, StrategyConfig, check_choice
 from fedelta.data import PARTITIONERS
 from fedelta.merging import EXPORT_MERGES
 from fedelta.strategies import AGGREGATORS, LORA_AGGREGATIONS, OPTIMIZERS, Strategy
+from fedelta.strategies.heads import HEADS
 from fedelta.tasks import TASKS
 
 
@@ -36,11 +38,13 @@ def check_config(config: RunConfig) -> None:
     SPARSITY[config.compression.sparsity]
     CODECS[config.compression.quantization]
     TASKS[config.model.task]
+    HEADS[config.strategy.head]
     check_choice("data.partitioner", config.data.partitioner, PARTITIONERS)
     check_choice("export.merge", config.export.merge, EXPORT_MERGES)
     _check_lora(config)
     _check_compression(config)
     _check_task(config)
+    _check_head(config)
     _check_privacy(config)
 
 
@@ -138,6 +142,52 @@ def _check_task(config: RunConfig) -> None:
             f'label prior, which model.task = "{task.name}" has no labels for; use it with '
             f"model.task = {calibrated}"
         )
+
+
+def _check_head(config: RunConfig) -> None:
+    """Head strategies need a head, whole-module updates, and (FedNCM) statistics
+    that may leave the sites in the clear."""
+    head = HEADS[config.strategy.head]
+    if head.name == StrategyConfig().head:
+        return
+    task = TASKS[config.model.task]
+    if not task.has_head:
+        with_head = " or ".join(f'"{n}"' for n, t in TASKS.items() if t.has_head)
+        raise ConfigError(
+            f"config key 'strategy.head' = \"{head.name}\" treats the classification head "
+            f'apart, but model.task = "{task.name}" has no head; use strategy.head = '
+            f'"joint" or model.task = {with_head}'
+        )
+    rule = LORA_AGGREGATIONS[config.strategy.lora]
+    if head.phased and not rule.factor_space:
+        factor_rules = ", ".join(n for n, r in LORA_AGGREGATIONS.items() if r.factor_space)
+        raise ConfigError(
+            f"config key 'strategy.head' = \"{head.name}\" has rounds that update only part "
+            f"of the model, but strategy.lora = {rule.name!r} folds every module's update "
+            f"each round; use {factor_rules}"
+        )
+    if head.phased and config.strategy.head_rounds >= config.num_server_rounds:
+        raise ConfigError(
+            f"config key 'strategy.head-rounds' must be < num-server-rounds with "
+            f'strategy.head = "{head.name}" (got {config.strategy.head_rounds} >= '
+            f"{config.num_server_rounds}): no round would train LoRA"
+        )
+    if head.initialises:
+        p = config.privacy
+        clear = {
+            "privacy.secure-aggregation": (
+                p.secure_aggregation,
+                "each site's class feature sums reach the server in the clear",
+            ),
+            "privacy.dp-sgd": (p.dp_sgd, "the class feature sums are not noised"),
+            "privacy.client-dp": (p.client_dp != "none", "the class feature sums are not noised"),
+        }
+        for key, (bad, why) in clear.items():
+            if bad:
+                raise ConfigError(
+                    f"config key 'strategy.head' = \"{head.name}\" cannot be combined with "
+                    f"{key}: {why}"
+                )
 
 
 def _check_privacy(config: RunConfig) -> None:

@@ -43,11 +43,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(_session(context).evaluate(msg.content), reply_to=msg)
 
 
+@app.query(protocol.HEAD_STATISTICS_ACTION)
+def head_statistics(msg: Message, context: Context) -> Message:
+    """FedNCM's statistics round, before round 1 (see :meth:`ClientSession.head_statistics
+    <fedelta.client.session.ClientSession.head_statistics>`)."""
+    return Message(_session(context).head_statistics(msg.content), reply_to=msg)
+
+
 def with_train(handler: Callable[[Message, Context], Message]) -> ClientApp:
     """fedelta's ClientApp with ``handler`` as its train function: robustness
     experiments wrap :func:`train` to make some sites fail or misbehave."""
     wrapped = ClientApp(mods=[secure_aggregation_mod])
     wrapped.query()(describe)
+    wrapped.query(protocol.HEAD_STATISTICS_ACTION)(head_statistics)
     wrapped.evaluate()(evaluate)
     wrapped.train()(handler)
     return wrapped

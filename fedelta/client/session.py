@@ -21,6 +21,7 @@ from fedelta.privacy.accounting import PrivacyAccountant, PrivacyBudgetError
 from fedelta.privacy.secure_aggregation import masked_upload
 from fedelta.protocol import Site
 from fedelta.strategies.aggregators.base import SITE_WEIGHT
+from fedelta.strategies.heads import class_feature_sums
 from fedelta.tensors import TensorDict
 
 ReplyTransform = Callable[[Site, int, RecordDict], RecordDict]
@@ -140,6 +141,20 @@ class ClientSession:
     def _sent(self, server_round: int, reply: RecordDict) -> RecordDict:
         """``reply`` as it leaves the site (through the transform, if any)."""
         return reply if self.transform is None else self.transform(self.site, server_round, reply)
+
+    def head_statistics(self, content: RecordDict) -> RecordDict:
+        """FedNCM (``strategy.head = "ncm"``): per class, the sum of the head-input
+        features of this site's training examples under the global model, and their
+        count; no example leaves the site, only these sums."""
+        trainer, _, _, _ = self._receive(content)
+        loader = trainer.task.make_loader(
+            trainer.data.train, trainer.tokenizer, trainer.task.eval_batch_size, train=False
+        )
+        stats = class_feature_sums(trainer.model, loader)
+        metrics = MetricRecord({protocol.NUM_EXAMPLES: len(trainer.data.train)})
+        return RecordDict(
+            {protocol.HEAD_STATISTICS: deltas.encode(stats.tensors()), protocol.METRICS: metrics}
+        )
 
     def evaluate(self, content: RecordDict) -> RecordDict:
         """Evaluate the global state (with this site's own tensors) on its validation split."""

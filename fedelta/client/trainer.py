@@ -42,6 +42,7 @@ from fedelta.privacy.dp_sgd import PrivateRound, train_private
 from fedelta.privacy.noise import noise_generator
 from fedelta.protocol import Site
 from fedelta.seeding import derive_seed, seed_everything
+from fedelta.strategies.heads import round_phase, select
 from fedelta.strategies.optimizers import PROXIMAL_MU
 from fedelta.tasks import EvalResult, build_task
 from fedelta.tensors import TensorDict
@@ -164,7 +165,8 @@ class ClientTrainer:
             cfg.max_local_epochs,
         )
         exchanged = {k for k in start if self.rule.exchanged(k)}
-        sent = sorted(self.compression.uplink_names(exchanged, server_round))
+        phase = round_phase(cfg, server_round)  # strategy.head: what trains this round
+        sent = sorted(self.compression.uplink_names(select(phase, exchanged), server_round))
         site_seed = derive_seed(seed, zlib.crc32(self.site.name.encode()))
         mask = self.compression.training_mask(
             {k: start[k] for k in sent}, memory, server_round, site_seed
@@ -172,7 +174,7 @@ class ClientTrainer:
         private = None
         lr = round_lr(cfg.lr, cfg.lr_scheduler, cfg.min_lr, server_round, cfg.num_server_rounds)
         head_lr = lr * cfg.head_lr / cfg.lr
-        with _frozen(self.model, exchanged - set(sent)):
+        with _frozen(self.model, (exchanged - set(sent)) | (set(start) - select(phase, start))):
             named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
             optimizer = local_optimizer(
                 named,

@@ -88,6 +88,7 @@ RANGES = {
     "strategy.byzantine": ">= 0",
     "strategy.krum-keep": ">= 0",
     "strategy.fold-rank": ">= 0",
+    "strategy.head-rounds": ">= 0",
     "strategy.merge-density": "(0, 1]",
     "export.density": "(0, 1]",
     "export.ema-decay": "[0, 1)",

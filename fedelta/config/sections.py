@@ -138,6 +138,14 @@ class StrategyConfig:
     rank_projection: str = "truncate"
     """How a client of lower rank takes the global adapter: the first components
     (``truncate``) or the top singular components (``svd``)."""
+    head: str = "joint"
+    """Classification head: ``joint`` (trains with LoRA every round), ``ncm`` (set to
+    the federated class means before round 1, then joint: FedNCM+FT), ``lp-ft`` (the
+    first ``head-rounds`` rounds train only the head) or ``fedbabu`` (head frozen
+    while LoRA trains; the last ``head-rounds`` rounds train only the head). See
+    docs/strategies.md."""
+    head_rounds: int = 1
+    """lp-ft: head-only rounds at the start; fedbabu: head-only rounds at the end."""
 
 
 @dataclass

@@ -32,6 +32,7 @@ from fedelta.errors import UserError
 from fedelta.privacy.accounting import PrivacyAccountant
 from fedelta.privacy.secure_aggregation import SecAggPlus, SecureAggregationError
 from fedelta.server.evaluation import CentralEvaluator, federated_result
+from fedelta.server.head_init import HeadInitialisation, initialise_over_grid
 from fedelta.server.metrics import format_table
 from fedelta.server.round import TrainingRound, global_records, update_layout
 from fedelta.server.run_folder import RunFolder, with_label_names
@@ -39,6 +40,7 @@ from fedelta.server.sampling import sample_sites
 from fedelta.server.site_grid import SiteGrid
 from fedelta.strategies import EmptyRoundError, Strategy
 from fedelta.strategies.aggregators.base import SITE_WEIGHT
+from fedelta.strategies.heads import build_head
 from fedelta.tasks import build_task
 from fedelta.tensors import Layout
 
@@ -146,8 +148,14 @@ class Federation:
             global_state, rng, done, self.accountants = self.folder.restore(self.strategy)
             return global_state, rng, done
         global_state = self.strategy.initial_state(evaluator.initial_state)
+        head_row: dict[str, Any] = {}
+        if build_head(self.config).initialises:  # strategy.head = "ncm"
+            init = HeadInitialisation(self.strategy, self.config, global_state, evaluator.model)
+            initialise_over_grid(init, self.nodes)
+            global_state, head_row = init.close()
+            head_row |= self.nodes.byte_ledger()
         rng = np.random.default_rng(self.config.seed)
-        row = {"round": 0, **self._evaluate_centrally(evaluator, global_state)}
+        row = {"round": 0, **self._evaluate_centrally(evaluator, global_state), **head_row}
         self.folder.record(row, global_state, self.strategy, rng, self.accountants)
         return global_state, rng, 0
 

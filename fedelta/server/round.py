@@ -28,6 +28,7 @@ from fedelta.errors import InvalidUpdateError
 from fedelta.privacy.accounting import PrivacyAccountant
 from fedelta.server.validation import ReplyMetrics, read_metrics, read_update
 from fedelta.strategies import Strategy
+from fedelta.strategies.heads import round_phase, select_layout
 from fedelta.tensors import Layout, TensorDict, layout_of
 
 log = logging.getLogger("fedelta")
@@ -87,6 +88,8 @@ class TrainingRound:
             server_round, global_state, list(ranks.values()), population=population
         )
         self.records = global_records(strategy, config, server_round, global_state)
+        self.phase = round_phase(config, server_round)
+        """Which tensors train and are sent this round (``strategy.head``)."""
         self.instructions = strategy.client_config(server_round)
         """What the strategy asks of the sites this round."""
         if self.instructions:
@@ -131,7 +134,7 @@ class TrainingRound:
                 self.epsilon[site] = float(metrics[protocol.DP_EPSILON])
             return
         rank = self.ranks[site]
-        uplink = self.strategy.uplink_layout(self.layout, rank)
+        uplink = select_layout(self.phase, self.strategy.uplink_layout(self.layout, rank))
         try:
             update = read_update(
                 content, uplink, self.compression, self.server_round, self.config.max_update_norm
@@ -159,7 +162,7 @@ class TrainingRound:
         if mean is None:
             return
         rank = self.ranks[self.sampled[0]]
-        uplink = self.strategy.uplink_layout(self.layout, rank)
+        uplink = select_layout(self.phase, self.strategy.uplink_layout(self.layout, rank))
         try:
             decoded = self.compression.decode(mean, uplink, self.server_round)
         except InvalidUpdateError as err:

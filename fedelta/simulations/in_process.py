@@ -29,9 +29,11 @@ from fedelta.config import RunConfig
 from fedelta.privacy.accounting import PrivacyAccountant
 from fedelta.protocol import Site
 from fedelta.server.evaluation import CentralEvaluator
+from fedelta.server.head_init import HeadInitialisation
 from fedelta.server.round import TrainingRound, update_layout
 from fedelta.server.run_folder import with_label_names
 from fedelta.strategies import Strategy
+from fedelta.strategies.heads import build_head
 from fedelta.tasks import build_task
 
 log = logging.getLogger("fedelta")
@@ -77,7 +79,14 @@ def federate(
     ranks = {site.name: site.rank(config) for site in sites}
     site_states = {site.name: RecordDict() for site in sites}
     accountants: dict[str, PrivacyAccountant] = {}
-    rows = [{"round": 0, **task.metrics(evaluator(state), "test")}]
+    head_row: dict[str, Any] = {}
+    if build_head(config).initialises:  # strategy.head = "ncm"
+        init = HeadInitialisation(strategy, config, state, evaluator.model)
+        for site in sites:
+            session = ClientSession(site, site_states[site.name])
+            init.receive(site.name, session.head_statistics(init.content()))
+        state, head_row = init.close()
+    rows = [{"round": 0, **task.metrics(evaluator(state), "test"), **head_row}]
     states = [state]
     for server_round in range(1, config.num_server_rounds + 1):
         train = TrainingRound(

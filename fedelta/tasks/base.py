@@ -47,6 +47,8 @@ class Task(ABC):
     """Reads one pooled vector per example (``model.pooling`` applies)."""
     calibrates: ClassVar[bool] = False
     """Has a label prior that a calibrated loss can correct for (``loss``)."""
+    has_head: ClassVar[bool] = False
+    """Adds a new classification head, which ``strategy.head`` can treat apart."""
 
     def __init__(self, max_length: int) -> None:
         self.max_length = max_length

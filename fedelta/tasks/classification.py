@@ -23,6 +23,7 @@ class Classification(Task):
     partitioners = ("iid", "dirichlet")
     pools = True
     calibrates = True
+    has_head = True
 
     @classmethod
     def load_pretrained(cls, path: str, num_labels: int, pooling: str = "cls") -> torch.nn.Module:
