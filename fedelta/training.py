@@ -31,6 +31,22 @@ class StepHook(Protocol):
         """After the optimizer step."""
 
 
+class StepHooks:
+    """Several :class:`StepHook` as one, called in order around each step (a gradient
+    correction before a sparse-training mask, so masked coordinates stay frozen)."""
+
+    def __init__(self, *hooks: StepHook | None) -> None:
+        self.hooks = [h for h in hooks if h is not None]
+
+    def before_step(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        for hook in self.hooks:
+            hook.before_step(params)
+
+    def after_step(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        for hook in self.hooks:
+            hook.after_step(params)
+
+
 def train(
     model: torch.nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -42,6 +58,7 @@ def train(
     anchor: Mapping[str, torch.Tensor] | None = None,
     hook: StepHook | None = None,
     accumulation: int = 1,
+    plain_sgd: bool = False,
 ) -> TrainResult:
     """One AdamW step per ``accumulation`` batches on the trainable parameters.
 
@@ -52,10 +69,17 @@ def train(
     ``hook`` sees the parameters around every step (a sparse-training mask).
     With ``accumulation > 1`` each step sums the gradients of that many batches
     (each loss divided by ``accumulation``); a last incomplete group is a step too.
+    ``plain_sgd`` takes plain SGD steps (no momentum) instead of AdamW's, as SCAFFOLD's
+    option II and FedNova's normalisation assume.
     """
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if optimizer is None:
-        optimizer = torch.optim.AdamW(list(named.values()), lr=lr, weight_decay=weight_decay)
+        params = list(named.values())
+        optimizer = (
+            torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+            if plain_sgd
+            else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        )
     pulled = (
         [(p, anchor[n].to(p.dtype)) for n, p in named.items() if n in anchor]
         if proximal_mu and anchor

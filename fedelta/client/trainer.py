@@ -34,10 +34,15 @@ from fedelta.privacy.dp_sgd import PrivateRound, train_private
 from fedelta.privacy.noise import noise_generator
 from fedelta.protocol import Site
 from fedelta.seeding import derive_seed, seed_everything
-from fedelta.strategies.optimizers import PROXIMAL_MU
+from fedelta.strategies.optimizers import (
+    PROXIMAL_MU,
+    ControlVariateCorrection,
+    ControlVariates,
+    control_variate_change,
+)
 from fedelta.tasks import EvalResult, build_task
 from fedelta.tensors import TensorDict
-from fedelta.training import TrainResult, steps_for, train
+from fedelta.training import StepHooks, TrainResult, steps_for, train
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,8 @@ class FitOutput:
     result: TrainResult
     private: PrivateRound | None = None
     """What DP-SGD spent this round (``privacy.dp-sgd``)."""
+    control_change: TensorDict | None = None
+    """SCAFFOLD's ``c_i+ - c_i`` (option II), when the site trained with control variates."""
 
 
 class ClientTrainer:
@@ -115,11 +122,14 @@ class ClientTrainer:
         instructions: Mapping[str, bool | int | float | str] | None = None,
         memory: ClientMemory | None = None,
         accountant: PrivacyAccountant | None = None,
+        control: ControlVariates | None = None,
     ) -> FitOutput:
         """Train from ``start`` (loaded by :meth:`receive`) and encode the delta of the
         tensors this client sends. ``instructions`` is what the strategy asks this round
         (a proximal term, client-level DP noise); ``memory`` (error feedback, SpIEL
         indices) and ``accountant`` (DP-SGD budget) are the site's, and are updated.
+        With ``control`` (SCAFFOLD's ``c`` and ``c_i``) every gradient is corrected by
+        ``c - c_i`` and the output carries option II's change of ``c_i``.
 
         Raises :class:`~fedelta.privacy.accounting.PrivacyBudgetError` before training
         if DP-SGD would take the site past its budget."""
@@ -138,6 +148,10 @@ class ClientTrainer:
         mask = self.compression.training_mask(
             {k: start[k] for k in sent}, memory, server_round, site_seed
         )
+        correction = None
+        if control is not None:
+            _check_control(control, start)
+            correction = ControlVariateCorrection(control)
         private = None
         with _frozen(self.model, exchanged - set(sent)):
             if cfg.privacy.dp_sgd:
@@ -167,8 +181,9 @@ class ClientTrainer:
                     weight_decay=cfg.weight_decay,
                     proximal_mu=float(instructions.get(PROXIMAL_MU, 0.0)),
                     anchor=start,
-                    hook=mask,
+                    hook=mask if correction is None else StepHooks(correction, mask),
                     accumulation=accumulation,
+                    plain_sgd=cfg.client_optimizer == "sgd",
                 )
         trained = adapter_state(self.model)
         delta = {k: trained[k] - start[k] for k in sent}
@@ -182,7 +197,10 @@ class ClientTrainer:
             )
         kept = {k: trained[k] for k in start if self.rule.local_b and k.endswith(B_SUFFIX)}
         upload = self.compression.compress(delta, memory, server_round, site_seed, mask)
-        return FitOutput(upload, kept, result, private)
+        change = None
+        if control is not None:
+            change = control_variate_change(start, trained, control, result.steps, cfg.lr)
+        return FitOutput(upload, kept, result, private, change)
 
     def evaluate(self) -> EvalResult:
         """Evaluate the model loaded by :meth:`receive` on the local validation split."""
@@ -190,6 +208,15 @@ class ClientTrainer:
             self.data.validation, self.tokenizer, self.task.eval_batch_size, train=False
         )
         return self.task.evaluate(self.model, loader)
+
+
+def _check_control(control: ControlVariates, start: Mapping[str, torch.Tensor]) -> None:
+    """The control variates cover tensors this site trains, in their shapes."""
+    for name, c in control.server.items():
+        if name not in start or tuple(start[name].shape) != tuple(c.shape):
+            raise ValueError(f"control variate '{name}' matches no tensor this site trains")
+        if name not in control.site or tuple(control.site[name].shape) != tuple(c.shape):
+            raise ValueError(f"the site's control variate lacks '{name}' or has another shape")
 
 
 @contextlib.contextmanager

@@ -147,6 +147,9 @@ class RunConfig:
     """Batches whose gradients are summed into one optimizer step (a step then sees
     ``batch-size x gradient-accumulation-steps`` examples)."""
     weight_decay: float = 0.0
+    client_optimizer: str = "adamw"
+    """Local optimizer: ``adamw``, or ``sgd`` (plain SGD at ``lr``, what SCAFFOLD's
+    option II and FedNova's normalisation assume)."""
     seed: int = 42
     central_evaluation: bool = True
     """Evaluate the global adapter on the held-out test split after every round."""
@@ -215,6 +218,7 @@ class RunConfig:
                 raise ConfigError(f"config key '{key}' {why} (got {flat[key]!r})")
         choices = {
             "short-round": ("retry", "skip", "stop"),
+            "client-optimizer": ("adamw", "sgd"),
             "strategy.rank-projection": ("truncate", "svd"),
             "model.finetuning": ("lora", "full"),
             "compression.weighting": ("all", "senders"),
