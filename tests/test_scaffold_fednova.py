@@ -11,6 +11,9 @@ from typing import Any
 import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+from inprocess_grid import Transport
 
 from fedelta import deltas, protocol
 from fedelta.build import build_strategy
@@ -19,6 +22,11 @@ from fedelta.compatibility import check_config
 from fedelta.config import ConfigError, RunConfig
 from fedelta.errors import InvalidUpdateError
 from fedelta.lora import A_SUFFIX, B_SUFFIX
+from fedelta.models import resolve_model_path
+from fedelta.server.checkpoint import load_checkpoint
+from fedelta.server.federation import Federation
+from fedelta.server.metrics import MetricsLog
+from fedelta.simulations import federate
 from fedelta.strategies.capabilities import format_optimizer_matrix, optimizer_matrix
 from fedelta.strategies.optimizers import (
     ControlVariateCorrection,
@@ -286,3 +294,118 @@ def test_what_scaffold_and_fednova_may_be_combined_with():
 def test_the_optimizer_matrix_is_in_the_docs():
     docs = (Path(__file__).parents[1] / "docs" / "strategies.md").read_text(encoding="utf-8")
     assert format_optimizer_matrix(optimizer_matrix()) in docs
+
+
+# -- whole runs: the in-process engine and the round loop over Flower's serialization -----
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A randomly initialised 2-layer BERT with MiniLM's tokenizer (as the round loop's
+    tests build it)."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+    torch.manual_seed(0)
+    bert = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
+    BertForSequenceClassification(bert).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture
+def scaffold_config(tiny_config: RunConfig, tiny_bert: str, monkeypatch) -> RunConfig:
+    """Two sites, one plain-SGD step each per round, a tiny BERT, no federated evaluation."""
+    for key, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, key, value)
+    return tiny_config.replace(
+        **{
+            "local-steps": 1,
+            "fraction-evaluate": 0.0,
+            "model.name": tiny_bert,
+            "client-optimizer": "sgd",
+            "strategy.optimizer": "scaffold",
+        }
+    )
+
+
+@pytest.mark.slow
+def test_scaffold_run_with_one_sgd_step_equals_fedavg_in_round_one(scaffold_config):
+    config = scaffold_config.replace(**{"num-server-rounds": 1})
+    scaffold = federate(config).states[1]
+    fedavg = federate(config.replace(**{"strategy.optimizer": "fedavg"})).states[1]
+    for k, v in fedavg.items():
+        assert torch.equal(scaffold[k], v), k
+
+
+@pytest.mark.slow
+def test_control_variates_survive_a_kill_and_resume_exactly(scaffold_config, tmp_path):
+    """A straight 3-round run against one stopped after round 2 and resumed on new nodes
+    (fresh node states, as after a crash): the same global state, c and every c_i, bit
+    for bit; the resumed round sends each site its c_i, the straight one does not; the
+    ledger counts c down and delta_c up."""
+    config = scaffold_config.replace(**{"num-server-rounds": 3, "local-steps": 2})
+
+    def run(cfg: RunConfig, transport: Transport, resume: bool = False) -> list[dict]:
+        Federation(transport, cfg, Path(cfg.output_dir), resume=resume, progress=False).run()
+        return MetricsLog(Path(cfg.output_dir)).rows()
+
+    straight = Transport(2)
+    rows = run(config.replace(output_dir=str(tmp_path / "straight")), straight)
+    split = config.replace(output_dir=str(tmp_path / "split"))
+    run(split.replace(**{"num-server-rounds": 2}), Transport(2))
+    second = Transport(2)
+    run(split.replace(resume=True), second, resume=True)
+
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "split")
+    assert a.server_round == b.server_round == 3
+    assert a.global_state.keys() == b.global_state.keys()
+    for name, tensor in a.global_state.items():
+        assert torch.equal(b.global_state[name], tensor), name
+    assert a.strategy_tensors.keys() == b.strategy_tensors.keys()
+    assert any(k.startswith("site-control/client-1/") for k in a.strategy_tensors)
+    for name, tensor in a.strategy_tensors.items():
+        assert torch.equal(b.strategy_tensors[name], tensor), name
+
+    def sent_site_control(transport: Transport, server_round: int) -> list[bool]:
+        return [
+            protocol.SITE_CONTROL in c.message.content.array_records
+            for c in transport.carried
+            if c.direction == "down"
+            and c.group_id == str(server_round)
+            and c.message_type == "train"
+        ]
+
+    assert sent_site_control(straight, 3) == [False, False]
+    assert sent_site_control(second, 3) == [True, True]
+    # Each site's node state holds the c_i the server checkpointed for it.
+    for context in straight.contexts.values():
+        site = straight.site_of[context.node_id]
+        own = deltas.decode(context.state.array_records[protocol.LOCAL_CONTROL])
+        for k, v in own.items():
+            assert torch.equal(a.strategy_tensors[f"site-control/{site}/{k}"], v)
+    # c goes down and delta_c up beside the adapter and the delta: each at least as
+    # many bytes as the dense delta, counted in the ledger (the round's dense count too).
+    # Round 2: in round 1 c is zeros, which Flower's content-addressed chunks send once.
+    fedavg_dir = tmp_path / "fedavg"
+    fedavg = run(
+        config.replace(
+            **{
+                "strategy.optimizer": "fedavg",
+                "output-dir": str(fedavg_dir),
+                "num-server-rounds": 2,
+            }
+        ),
+        Transport(2),
+    )
+    dense = fedavg[2]["dense-fp32-bytes-up"] / 2
+    assert rows[2]["dense-fp32-bytes-up"] == 2 * fedavg[2]["dense-fp32-bytes-up"]
+    for site, up in rows[2]["bytes-up-by-site"].items():
+        assert up - fedavg[2]["bytes-up-by-site"][site] >= dense, site
+        down = rows[2]["bytes-down-by-site"][site]
+        assert down - fedavg[2]["bytes-down-by-site"][site] >= dense, site
