@@ -164,9 +164,12 @@ def _check_privacy(config: RunConfig) -> None:
                 "Opacus accounts one noisy step per sampled batch; raise batch-size",
             ),
             "strategy.optimizer": (
-                bool(term := optimizer.client_loss_term or optimizer.client_gradient_term),
-                f"{term} in the clients' training is not a per-example gradient and would "
-                "escape clipping (or be added inside Opacus's step, which fedelta does not do)",
+                bool(optimizer.client_loss_term or optimizer.client_gradient_term),
+                f"{optimizer.client_loss_term} in the clients' loss is not a per-example "
+                "gradient and would escape clipping"
+                if optimizer.client_loss_term
+                else f"{optimizer.client_gradient_term} would have to enter each noised "
+                "step inside Opacus, which fedelta's DP-SGD loop does not do",
             ),
             "client-optimizer": (
                 config.client_optimizer != "adamw",
