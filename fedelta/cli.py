@@ -350,11 +350,26 @@ def _export(args: argparse.Namespace) -> int:
 
 def _strategies(args: argparse.Namespace) -> int:
     from fedelta.strategies import OPTIMIZERS
-    from fedelta.strategies.capabilities import MEANINGS, capability_matrix, format_matrix
+    from fedelta.strategies.capabilities import (
+        MEANINGS,
+        capability_matrix,
+        format_matrix,
+        format_optimizer_matrix,
+        optimizer_matrix,
+    )
 
     rows = capability_matrix()
     if args.json:
-        print(json.dumps({"rules": rows, "optimizers": sorted(OPTIMIZERS)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "rules": rows,
+                    "optimizers": sorted(OPTIMIZERS),
+                    "optimizer-matrix": optimizer_matrix(),
+                },
+                indent=2,
+            )
+        )
         return 0
     print(format_matrix(rows))
     print("\n" + "\n".join(f"{key}: {meaning}" for key, meaning in MEANINGS.items()))
@@ -362,8 +377,10 @@ def _strategies(args: argparse.Namespace) -> int:
         "\nA combined strategy has a property only if its LoRA rule and its aggregator "
         "both do;\nserver-side norm bounding (strategy.clip-norm) rules out secure "
         f"aggregation.\nServer optimizers (strategy.optimizer): {', '.join(OPTIMIZERS)}; "
-        "they step the combined update and change none of the above."
+        "they step the combined update and change none of the above, except that those "
+        "reading each reply rule out secure aggregation:\n"
     )
+    print(format_optimizer_matrix(optimizer_matrix()))
     return 0
 
 

@@ -5,7 +5,9 @@ gives are looked up in the components' registries (an unknown one is refused wit
 the choices), and each combination that could not give what it promises is refused
 before anything trains, by the flags the components declare: a LoRA rule's
 ``factor_space``, ``linear``, ``refactorable``, ``needs_adapter``; an aggregator's
-``weighs_senders``; an optimizer's ``client_loss_term``; a sparsity method's
+``weighs_senders``; an optimizer's ``client_loss_term``, ``client_gradient_term``,
+``reads_each_reply``, ``extra_uplink``, ``per_site_tensors`` and
+``uses_step_counts``; a sparsity method's
 ``sparse``, ``sends_indices``, ``trains_mask``; a codec's ``exact``; a task's
 ``partitioners``, ``packs`` and ``has_head``; a head strategy's ``initialises`` and
 ``phased``. A new component states its flags and every rule
@@ -42,6 +44,7 @@ def check_config(config: RunConfig) -> None:
     check_choice("data.partitioner", config.data.partitioner, PARTITIONERS)
     check_choice("export.merge", config.export.merge, EXPORT_MERGES)
     _check_lora(config)
+    _check_optimizer(config)
     _check_compression(config)
     _check_task(config)
     _check_head(config)
@@ -78,6 +81,24 @@ def _check_lora(config: RunConfig) -> None:
             )
         if config.lora.client_ranks.strip():
             raise ConfigError("config key 'lora.client-ranks' needs model.finetuning = \"lora\"")
+
+
+def _check_optimizer(config: RunConfig) -> None:
+    """A server optimizer that keeps tensors per site (SCAFFOLD's ``c_i``) in the global
+    layout needs every site to train every exchanged tensor at the global rank."""
+    optimizer = OPTIMIZERS[config.strategy.optimizer]
+    if optimizer.per_site_tensors:
+        conflicts = {
+            "lora.client-ranks": (
+                bool(config.lora.client_ranks.strip()),
+                "its per-site tensors have the global rank's shapes",
+            ),
+            "compression.half-finetuning": (
+                config.compression.half_finetuning,
+                "a frozen half would move its per-site tensors with no training behind it",
+            ),
+        }
+        _refuse_with(config, f'strategy.optimizer = "{optimizer.name}"', conflicts)
 
 
 def _check_compression(config: RunConfig) -> None:
@@ -193,6 +214,7 @@ def _check_head(config: RunConfig) -> None:
 def _check_privacy(config: RunConfig) -> None:
     """DP and secure-aggregation settings that could not give what they promise."""
     p = config.privacy
+    optimizer = OPTIMIZERS[config.strategy.optimizer]
     if p.dp_sgd:
         if not p.noise_multiplier and not p.target_epsilon:
             raise ConfigError(
@@ -205,9 +227,12 @@ def _check_privacy(config: RunConfig) -> None:
                 "Opacus accounts one noisy step per sampled batch; raise batch-size",
             ),
             "strategy.optimizer": (
-                bool(term := OPTIMIZERS[config.strategy.optimizer].client_loss_term),
-                f"{term} in the clients' loss is not a per-example gradient and would "
-                "escape clipping",
+                bool(optimizer.client_loss_term or optimizer.client_gradient_term),
+                f"{optimizer.client_loss_term} in the clients' loss is not a per-example "
+                "gradient and would escape clipping"
+                if optimizer.client_loss_term
+                else f"{optimizer.client_gradient_term} would have to enter each noised "
+                "step inside Opacus, which fedelta's DP-SGD loop does not do",
             ),
             "compression.sparsity": (
                 SPARSITY[config.compression.sparsity].trains_mask,
@@ -237,6 +262,18 @@ def _check_privacy(config: RunConfig) -> None:
                 f"adding up, but strategy.lora = {rule.name!r} does not combine uploads by "
                 f"summing them; use {linear} (ffa recommended)"
             )
+        refused = {
+            "strategy.optimizer": (
+                bool(optimizer.extra_uplink),
+                f"{optimizer.extra_uplink} travels beside the delta, neither clipped nor noised",
+            ),
+            "local-steps": (
+                optimizer.uses_step_counts and config.local_steps == 0,
+                f"{optimizer.name} reads each site's step count, which then reveals the size "
+                "of its data (client-level DP does not protect it); set local-steps > 0",
+            ),
+        }
+        _refuse_with(config, "privacy.client-dp", refused)
         default = StrategyConfig()
         if config.strategy.aggregator != default.aggregator or config.strategy.clip_norm:
             raise ConfigError(
@@ -257,6 +294,17 @@ def _check_secure_aggregation(config: RunConfig) -> None:
             "config key 'privacy.client-dp' = \"central\" clips each update at the "
             'server, which secure aggregation hides; use "distributed"'
         )
+    optimizer = OPTIMIZERS[config.strategy.optimizer]
+    _refuse_with(
+        config,
+        "privacy.secure-aggregation",
+        {
+            "strategy.optimizer": (
+                bool(optimizer.reads_each_reply),
+                f"{optimizer.reads_each_reply}, which the secure sum hides",
+            )
+        },
+    )
     if not build_strategy(config).capabilities.linear:
         raise ConfigError(
             "config key 'privacy.secure-aggregation' needs a strategy that only needs the "

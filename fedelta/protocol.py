@@ -43,6 +43,23 @@ LOCAL_ADAPTER = "local-adapter"
 OPTIMIZER_STATE = "optimizer-state"
 """ArrayRecord in a node's ``Context.state``: the local optimizer's moments
 (``keep-optimizer-state``)."""
+CONTROL = "control"
+"""ArrayRecord: SCAFFOLD's server control variate ``c``, one tensor per exchanged
+trainable tensor (server to client)."""
+SITE_CONTROL = "site-control"
+"""ArrayRecord: the site's own control variate ``c_i`` as the server keeps it, sent only
+when the site may not hold it (after a resume, or a round it did not complete)
+(server to client)."""
+CONTROL_DELTA = "control-delta"
+"""ArrayRecord: SCAFFOLD's ``c_i+ - c_i``, dense fp32 whatever ``[compression]`` says
+(client to server)."""
+LOCAL_CONTROL = "local-control"
+"""ArrayRecord in a node's ``Context.state``: the site's SCAFFOLD control variate ``c_i``."""
+LOCAL_CONTROL_ROUND = "local-control-round"
+"""ConfigRecord in a node's ``Context.state``: the round of that ``c_i``."""
+CONTROL_ROUND = "control-round"
+"""Strategy-record key: the round of the site's ``c_i`` the server holds (0: zeros); a
+site whose own copy is of another round must have been sent ``site-control``."""
 
 DP_SPENT = "dp-spent"
 """ConfigRecord: the DP-SGD mechanisms a site has reported so far, as the server's

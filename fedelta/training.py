@@ -107,6 +107,22 @@ def restore_optimizer_state(
             optimizer.state[param] = {key: value.clone() for key, value in entries.items()}
 
 
+class StepHooks:
+    """Several :class:`StepHook` as one, called in order around each step (a gradient
+    correction before a sparse-training mask, so masked coordinates stay frozen)."""
+
+    def __init__(self, *hooks: StepHook | None) -> None:
+        self.hooks = [h for h in hooks if h is not None]
+
+    def before_step(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        for hook in self.hooks:
+            hook.before_step(params)
+
+    def after_step(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        for hook in self.hooks:
+            hook.after_step(params)
+
+
 def train(
     model: torch.nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],

@@ -265,11 +265,11 @@ def test_metrics_of_a_plain_reply():
 
 def test_metrics_of_a_dp_sgd_reply_carry_its_mechanism():
     got = read_metrics(_content(**DP))
-    assert got == ReplyMetrics(10, 0.5, 1.5, (0.8, 0.25, 3))
+    assert got == ReplyMetrics(10, 0.5, 1.5, (0.8, 0.25, 3), steps=3)
     edge = read_metrics(
         _content(**DP | {"dp_epsilon": 0, "dp_noise_multiplier": 2, "dp_sample_rate": 1})
     )
-    assert edge == ReplyMetrics(10, 0.5, 0.0, (2.0, 1.0, 3))
+    assert edge == ReplyMetrics(10, 0.5, 0.0, (2.0, 1.0, 3), steps=3)
     assert type(edge.epsilon) is float and type(edge.mechanism[0]) is float
     small = read_metrics(_content(**DP | {"dp_epsilon": 0.5, "train_steps": 1}))
     assert small.epsilon == 0.5 and small.mechanism == (0.8, 0.25, 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedelta import deltas, protocol
@@ -22,6 +23,7 @@ from fedelta.privacy.secure_aggregation import masked_upload
 from fedelta.protocol import Site
 from fedelta.strategies.aggregators.base import SITE_WEIGHT
 from fedelta.strategies.heads import class_feature_sums
+from fedelta.strategies.optimizers import ControlVariates
 from fedelta.tensors import TensorDict
 
 ReplyTransform = Callable[[Site, int, RecordDict], RecordDict]
@@ -42,17 +44,25 @@ class SiteState:
     """What DP-SGD has spent of the site's budget."""
     optimizer: TensorDict = field(default_factory=dict)
     """The local optimizer's moments, under ``keep-optimizer-state``."""
+    control: TensorDict = field(default_factory=dict)
+    """SCAFFOLD's ``c_i`` (empty: zeros, or never trained under SCAFFOLD)."""
+    control_round: int = 0
+    """The round ``control`` was last changed."""
 
     @classmethod
     def load(cls, state: RecordDict) -> SiteState:
         """The state a ``RecordDict`` holds (empty before the site's first round)."""
         local = state.array_records.get(protocol.LOCAL_ADAPTER)
         optimizer = state.array_records.get(protocol.OPTIMIZER_STATE)
+        control = state.array_records.get(protocol.LOCAL_CONTROL)
+        control_round = state.config_records.get(protocol.LOCAL_CONTROL_ROUND)
         return cls(
             ClientMemory.load(state),
             deltas.decode(local) if local is not None else {},
             PrivacyAccountant.load(state),
             deltas.decode(optimizer) if optimizer is not None else {},
+            deltas.decode(control) if control is not None else {},
+            int(control_round["round"]) if control_round is not None else 0,
         )
 
     def save(self, state: RecordDict) -> None:
@@ -64,6 +74,40 @@ class SiteState:
             self.accountant.save(state)
         if self.optimizer:
             state[protocol.OPTIMIZER_STATE] = deltas.encode(self.optimizer)
+        if self.control:
+            state[protocol.LOCAL_CONTROL] = deltas.encode(self.control)
+            state[protocol.LOCAL_CONTROL_ROUND] = ConfigRecord({"round": self.control_round})
+
+    def control_variates(self, content: RecordDict, site: str) -> ControlVariates | None:
+        """SCAFFOLD's ``c`` and this site's ``c_i`` for a training message (``None``
+        when it carries no ``c``). The server's copy of ``c_i``, when sent, wins; else
+        the site's own, which must be of the round the server says it holds.
+
+        Raises
+        ------
+        RuntimeError
+            If the site's own ``c_i`` is missing or stale and none was sent (its node
+            lost its state mid-run); the server sends it with the next message."""
+        record = content.array_records.get(protocol.CONTROL)
+        if record is None:
+            return None
+        server = deltas.decode(record)
+        sent = content.array_records.get(protocol.SITE_CONTROL)
+        instructions = content.config_records.get(protocol.STRATEGY)
+        held_round = int(instructions.get(protocol.CONTROL_ROUND, 0)) if instructions else 0
+        if sent is not None:
+            own = deltas.decode(sent)
+        elif held_round == 0:
+            own = {k: torch.zeros_like(c) for k, c in server.items()}
+        elif self.control and self.control_round == held_round:
+            own = self.control
+        else:
+            raise RuntimeError(
+                f"site {site!r} holds no SCAFFOLD control variate of round {held_round} "
+                f"(its own is of round {self.control_round}: its node state was reset?); "
+                "the server sends it its copy next round"
+            )
+        return ControlVariates(server, own)
 
 
 class ClientSession:
@@ -101,9 +145,16 @@ class ClientSession:
         if (reported := content.config_records.get(protocol.DP_SPENT)) is not None:
             spent = PrivacyAccountant.from_record(reported)
             state.accountant = state.accountant.at_least(spent, privacy.delta)
+        control = state.control_variates(content, self.site.name)
         try:
             out = trainer.fit(
-                start, server_round, instructions, state.memory, state.accountant, state.optimizer
+                start,
+                server_round,
+                instructions,
+                state.memory,
+                state.accountant,
+                optimizer_state=state.optimizer,
+                control=control,
             )
         except PrivacyBudgetError as err:
             if privacy.secure_aggregation:
@@ -118,6 +169,9 @@ class ClientSession:
             )
         state.local = out.kept or state.local
         state.optimizer = out.optimizer_state or state.optimizer
+        if control is not None and out.control_change is not None:
+            state.control = {k: control.site[k] + d for k, d in out.control_change.items()}
+            state.control_round = server_round
         state.save(self.state)
         metrics = {
             protocol.NUM_EXAMPLES: len(trainer.data.train),
@@ -135,6 +189,8 @@ class ClientSession:
             reply = masked_upload(out.upload, len(trainer.data.train), privacy, site_weight)
         else:
             reply = RecordDict({protocol.DELTA: out.upload})
+        if out.control_change is not None:
+            reply[protocol.CONTROL_DELTA] = deltas.encode(out.control_change)
         reply[protocol.METRICS] = MetricRecord(metrics)
         return self._sent(server_round, reply)
 

@@ -43,10 +43,16 @@ from fedelta.privacy.noise import noise_generator
 from fedelta.protocol import Site
 from fedelta.seeding import derive_seed, seed_everything
 from fedelta.strategies.heads import round_phase, select
-from fedelta.strategies.optimizers import PROXIMAL_MU
+from fedelta.strategies.optimizers import (
+    PROXIMAL_MU,
+    ControlVariateCorrection,
+    ControlVariates,
+    control_variate_change,
+)
 from fedelta.tasks import EvalResult, build_task
 from fedelta.tensors import TensorDict
 from fedelta.training import (
+    StepHooks,
     TrainResult,
     local_optimizer,
     restore_optimizer_state,
@@ -70,6 +76,8 @@ class FitOutput:
     """What DP-SGD spent this round (``privacy.dp-sgd``)."""
     optimizer_state: TensorDict | None = None
     """The optimizer's state after the round, for the site to keep (``keep-optimizer-state``)."""
+    control_change: TensorDict | None = None
+    """SCAFFOLD's ``c_i+ - c_i`` (option II), when the site trained with control variates."""
 
 
 class ClientTrainer:
@@ -142,12 +150,15 @@ class ClientTrainer:
         memory: ClientMemory | None = None,
         accountant: PrivacyAccountant | None = None,
         optimizer_state: TensorDict | None = None,
+        control: ControlVariates | None = None,
     ) -> FitOutput:
         """Train from ``start`` (loaded by :meth:`receive`) and encode the delta of the
         tensors this client sends. ``instructions`` is what the strategy asks this round
         (a proximal term, client-level DP noise); ``memory`` (error feedback, SpIEL
         indices) and ``accountant`` (DP-SGD budget) are the site's, and are updated;
         ``optimizer_state`` is what the site kept of its optimizer last round.
+        With ``control`` (SCAFFOLD's ``c`` and ``c_i``) every gradient is corrected by
+        ``c - c_i`` and the output carries option II's change of ``c_i``.
 
         Raises :class:`~fedelta.privacy.accounting.PrivacyBudgetError` before training
         if DP-SGD would take the site past its budget."""
@@ -171,6 +182,10 @@ class ClientTrainer:
         mask = self.compression.training_mask(
             {k: start[k] for k in sent}, memory, server_round, site_seed
         )
+        correction = None
+        if control is not None:
+            _check_control(control, start)
+            correction = ControlVariateCorrection(control)
         private = None
         lr = round_lr(cfg.lr, cfg.lr_scheduler, cfg.min_lr, server_round, cfg.num_server_rounds)
         head_lr = lr * cfg.head_lr / cfg.lr
@@ -215,7 +230,7 @@ class ClientTrainer:
                     optimizer=optimizer,
                     proximal_mu=float(instructions.get(PROXIMAL_MU, 0.0)),
                     anchor=start,
-                    hook=mask,
+                    hook=mask if correction is None else StepHooks(correction, mask),
                     accumulation=accumulation,
                     warmup_steps=cfg.warmup_steps,
                     max_grad_norm=cfg.max_grad_norm,
@@ -238,7 +253,12 @@ class ClientTrainer:
             )
         kept = {k: trained[k] for k in start if self.rule.local_b and k.endswith(B_SUFFIX)}
         upload = self.compression.compress(delta, memory, server_round, site_seed, mask)
-        return FitOutput(upload, kept, result, private, kept_optimizer)
+        change = None
+        if control is not None:
+            change = control_variate_change(start, trained, control, result.steps, lr)
+        return FitOutput(
+            upload, kept, result, private, optimizer_state=kept_optimizer, control_change=change
+        )
 
     def evaluate(self) -> EvalResult:
         """Evaluate the model loaded by :meth:`receive` on the local validation split."""
@@ -246,6 +266,15 @@ class ClientTrainer:
             self.data.validation, self.tokenizer, self.task.eval_batch_size, train=False
         )
         return self.task.evaluate(self.model, loader)
+
+
+def _check_control(control: ControlVariates, start: Mapping[str, torch.Tensor]) -> None:
+    """The control variates cover tensors this site trains, in their shapes."""
+    for name, c in control.server.items():
+        if name not in start or tuple(start[name].shape) != tuple(c.shape):
+            raise ValueError(f"control variate '{name}' matches no tensor this site trains")
+        if name not in control.site or tuple(control.site[name].shape) != tuple(c.shape):
+            raise ValueError(f"the site's control variate lacks '{name}' or has another shape")
 
 
 @contextlib.contextmanager

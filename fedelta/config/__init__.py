@@ -164,7 +164,8 @@ class RunConfig:
     head_lr: float = 0.0
     """Learning rate of the classification head (scheduled like ``lr``); 0: ``lr``."""
     optim: str = "adamw"
-    """Client optimizer: ``adamw`` or ``sgd`` (with ``sgd-momentum``)."""
+    """Client optimizer: ``adamw`` or ``sgd`` (with ``sgd-momentum``; at 0 it is the
+    plain SGD that SCAFFOLD's option II and FedNova's normalisation assume)."""
     sgd_momentum: float = 0.9
     keep_optimizer_state: bool = False
     """Sites keep their optimizer state (AdamW moments, SGD momentum) from round to

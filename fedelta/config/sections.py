@@ -106,7 +106,8 @@ class StrategyConfig:
     """
 
     optimizer: str = "fedavg"
-    """Server optimizer: fedavg, fedavgm, fedadam, fedyogi, fedadagrad or fedprox."""
+    """Server optimizer: fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fedprox, scaffold
+    (control variates) or fednova (normalised averaging)."""
     lora: str = "naive"
     """LoRA aggregation: naive, ffa, fedsa, fedex or flora."""
     aggregator: str = "mean"

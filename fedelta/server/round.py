@@ -109,9 +109,15 @@ class TrainingRound:
         return list(self.ranks)
 
     def content(self, site: str) -> RecordDict:
-        """A site's training message: the round's records, plus under DP-SGD what the
-        site has spent so far by the server's accountants."""
+        """A site's training message: the round's records, what the strategy sends this
+        site alone (SCAFFOLD's control variates), and under DP-SGD what the site has
+        spent so far by the server's accountants."""
         content = RecordDict(dict(self.records))
+        extras, instructions = self.strategy.site_downlink(site)
+        for name, tensors in extras.items():
+            content[name] = deltas.encode(tensors)
+        if instructions:
+            content[protocol.STRATEGY] = ConfigRecord(self.instructions | instructions)
         if site in self.accountants:
             content[protocol.DP_SPENT] = self.accountants[site].to_record()
         return content
@@ -135,17 +141,21 @@ class TrainingRound:
             return
         rank = self.ranks[site]
         uplink = select_layout(self.phase, self.strategy.uplink_layout(self.layout, rank))
+        extra_layouts = self.strategy.reply_layouts(uplink)
         try:
             update = read_update(
                 content, uplink, self.compression, self.server_round, self.config.max_update_norm
             )
+            extras = _read_extras(content, extra_layouts)
+            weight = self.strategy.reply_weight(update.metrics.num_examples)
+            self.strategy.observe_reply(site, update.metrics.steps, extras)
+            self.strategy.accumulate(update.delta, weight, rank)
         except InvalidUpdateError as err:
             self.fail(site, f"{REJECTED}: {err}")
             self.rejected += 1
             return
-        weight = self.strategy.reply_weight(update.metrics.num_examples)
-        self.strategy.accumulate(update.delta, weight, rank)
-        self._count(site, update.metrics, _dense_bytes(uplink))
+        dense = _dense_bytes(uplink) + sum(_dense_bytes(lay) for lay in extra_layouts.values())
+        self._count(site, update.metrics, dense)
 
     def receive_sum(
         self, mean: ArrayRecord | None, total_weight: float, replies: Mapping[str, RecordDict]
@@ -207,6 +217,21 @@ class TrainingRound:
             return None, row
         new_state = self.strategy.finish_round(self.global_state)
         return new_state, self.strategy.round_metrics() | row
+
+
+def _read_extras(content: RecordDict, layouts: Mapping[str, Layout]) -> dict[str, TensorDict]:
+    """The extra records a strategy expects in a reply, each decoded against its layout
+    (dense fp32, finite)."""
+    extras = {}
+    for name, layout in layouts.items():
+        record = content.array_records.get(name)
+        if record is None:
+            raise InvalidUpdateError(f"reply has no '{name}' record")
+        try:
+            extras[name] = deltas.decode(record, layout)
+        except InvalidUpdateError as err:
+            raise InvalidUpdateError(f"'{name}': {err}") from None
+    return extras
 
 
 def _dense_bytes(layout: Layout) -> int:

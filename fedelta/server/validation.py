@@ -31,6 +31,8 @@ class ReplyMetrics:
     """DP-SGD epsilon the site has spent so far, when it trains with DP-SGD."""
     mechanism: tuple[float, float, int] | None = None
     """DP-SGD: this round's (noise multiplier, sample rate, steps)."""
+    steps: int | None = None
+    """Local optimizer steps the reply reports (``train-steps``), if any."""
 
 
 @dataclass(frozen=True)
@@ -55,15 +57,17 @@ def read_metrics(content: RecordDict) -> ReplyMetrics:
     loss = metrics.get(protocol.TRAIN_LOSS)
     if type(loss) not in (int, float) or not math.isfinite(loss):
         raise InvalidUpdateError(f"{protocol.TRAIN_LOSS} must be a finite number, got {loss!r}")
+    steps = metrics.get(protocol.TRAIN_STEPS)
     epsilon = metrics.get(protocol.DP_EPSILON)
     if epsilon is not None and (type(epsilon) not in (int, float) or not epsilon >= 0):
         raise InvalidUpdateError(
             f"{protocol.DP_EPSILON} must be a non-negative number, got {epsilon!r}"
         )
     if epsilon is None:
-        return ReplyMetrics(num_examples, float(loss))
+        # Only strategies that read it (FedNova) refuse a reply without a valid count.
+        valid = type(steps) is int and steps > 0
+        return ReplyMetrics(num_examples, float(loss), steps=steps if valid else None)
     noise, rate = metrics.get(protocol.DP_NOISE), metrics.get(protocol.DP_RATE)
-    steps = metrics.get(protocol.TRAIN_STEPS)
     if not (
         type(noise) in (int, float)
         and noise > 0
@@ -77,7 +81,7 @@ def read_metrics(content: RecordDict) -> ReplyMetrics:
             f"{protocol.TRAIN_STEPS} > 0, got {noise!r}, {rate!r}, {steps!r}"
         )
     return ReplyMetrics(
-        num_examples, float(loss), float(epsilon), (float(noise), float(rate), steps)
+        num_examples, float(loss), float(epsilon), (float(noise), float(rate), steps), steps
     )
 
 

@@ -78,6 +78,25 @@ class Strategy(ABC):
         """Prepare empty accumulators; ``ranks`` are those of the sampled clients,
         ``population`` the number of sites they were sampled from."""
 
+    def site_downlink(
+        self, site: str
+    ) -> tuple[dict[str, TensorDict], dict[str, bool | int | float | str]]:
+        """Extra records (record name to tensors) and instructions for ``site``'s
+        training message this round, beyond what every site gets (SCAFFOLD's control
+        variates); none by default."""
+        return {}, {}
+
+    def reply_layouts(self, layout: Layout) -> dict[str, Layout]:
+        """Extra records a training reply must carry besides the delta of ``layout``
+        (record name to layout); none by default."""
+        return {}
+
+    def observe_reply(self, site: str, steps: int | None, extras: Mapping[str, TensorDict]) -> None:
+        """See a valid reply of ``site`` just before its :meth:`accumulate`: the local
+        steps it reports and its extra records (validated against
+        :meth:`reply_layouts`)."""
+        return None
+
     def reply_weight(self, num_examples: int) -> float:
         """A reply's weight in the round: its example count, so sites with more data
         count more. Both engines weigh every plain reply with it."""

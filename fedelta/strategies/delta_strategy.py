@@ -21,7 +21,8 @@ from fedelta.strategies.aggregators.base import SITE_WEIGHT
 from fedelta.strategies.base import Capabilities, EmptyRoundError, Strategy
 from fedelta.strategies.lora import LoraAggregation
 from fedelta.strategies.optimizers import FedAvg, ServerOptimizer
-from fedelta.tensors import Delta, Layout, TensorDict, clip_to_norm, densify
+from fedelta.strategies.optimizers.base import Scalar
+from fedelta.tensors import Delta, Layout, TensorDict, clip_to_norm, densify, layout_of
 
 
 class DeltaStrategy(Strategy):
@@ -39,6 +40,7 @@ class DeltaStrategy(Strategy):
         self.aggregator = aggregator or Mean()
         self.clip_norm = clip_norm
         self._clipped = self._received = 0
+        self._steps: int | None = None
 
     @property
     def name(self) -> str:
@@ -57,7 +59,10 @@ class DeltaStrategy(Strategy):
         bounding needs each client's update in the clear."""
         return Capabilities(
             exact=self.lora.exact and self.aggregator.linear,
-            linear=self.lora.linear and self.aggregator.linear and not self.clip_norm,
+            linear=self.lora.linear
+            and self.aggregator.linear
+            and not self.clip_norm
+            and not self.optimizer.reads_each_reply,
             heterogeneous_ranks=self.lora.heterogeneous_ranks,
             dp_friendly=self.lora.dp_friendly,
             streaming=self.aggregator.streaming,
@@ -96,7 +101,23 @@ class DeltaStrategy(Strategy):
         sampled = len(ranks) or 1
         self.aggregator.sampling(sampled, population or sampled)
         self.aggregator.begin(server_round)
+        self.optimizer.begin_round(
+            server_round, self.uplink_layout(layout_of(global_state)), population or sampled
+        )
         self._clipped = self._received = 0
+        self._steps = None
+
+    def site_downlink(self, site: str) -> tuple[dict[str, TensorDict], dict[str, Scalar]]:
+        return self.optimizer.site_downlink(site)
+
+    def reply_layouts(self, layout: Layout) -> dict[str, Layout]:
+        return self.optimizer.reply_layouts(layout)
+
+    def observe_reply(self, site: str, steps: int | None, extras: Mapping[str, TensorDict]) -> None:
+        """The optimizer takes the reply's extra records; its step count is kept for
+        the :meth:`accumulate` that follows."""
+        self.optimizer.observe_reply(site, extras)
+        self._steps = steps
 
     def accumulate(self, delta: Delta, weight: float, rank: int | None = None) -> None:
         """Sparse tensors stay sparse into the mean when the LoRA rule combines factors at
@@ -113,6 +134,8 @@ class DeltaStrategy(Strategy):
         if not sparse_ok:
             delta = densify(delta)
         update = self.lora.update(delta, rank)
+        steps, self._steps = self._steps, None
+        update = self.optimizer.normalise(update, weight, steps)
         if self.clip_norm:
             update, clipped = clip_to_norm(update, self.clip_norm)
             self._clipped += clipped

@@ -11,6 +11,7 @@ class FedAdagrad(FedOpt):
     """``v = v + d^2``."""
 
     name = "fedadagrad"
+    fixes = "badly scaled coordinates (adaptive server step, Adagrad)"
 
     def second_moment(self, v: torch.Tensor, d_sq: torch.Tensor) -> torch.Tensor:
         return v + d_sq

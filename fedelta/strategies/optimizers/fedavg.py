@@ -14,6 +14,7 @@ class FedAvg(ServerOptimizer):
     """The aggregated delta applied as it is (server learning rate 1 by default)."""
 
     name = "fedavg"
+    fixes = "baseline: the weighted mean delta is the server step"
 
     def step(
         self, params: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]

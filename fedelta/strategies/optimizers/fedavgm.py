@@ -15,6 +15,7 @@ class FedAvgM(ServerOptimizer):
     """``v = momentum * v + delta``; ``x += lr * v``. Damps round-to-round swings."""
 
     name = "fedavgm"
+    fixes = "round-to-round swings (server momentum)"
 
     def __init__(self, lr: float | None = None, momentum: float = 0.9) -> None:
         super().__init__(lr)

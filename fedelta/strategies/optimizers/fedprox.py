@@ -13,6 +13,7 @@ class FedProx(FedAvg):
     """Limits client drift on heterogeneous data by pulling local weights to the global."""
 
     name = "fedprox"
+    fixes = "client drift (proximal term pulls local weights to the global)"
     client_loss_term = "FedProx's proximal term"
 
     def __init__(self, lr: float | None = None, mu: float = 0.01) -> None:
