@@ -1,7 +1,9 @@
 """What makes FedAvg swing under the default task's label skew: the head or the LoRA factors.
 
-Runs the default task (``examples/default.toml``: 8 sites, Dirichlet(0.5) label skew,
-5 rounds x 25 AdamW steps at lr 2e-3, MiniLM LoRA r=8 + a fresh head) in one process
+Runs the default task as it was before its recipe was re-chosen
+(``examples/default.toml`` with ``convergence.OLD_DEFAULT``: 8 sites, Dirichlet(0.5)
+label skew, 5 rounds x 25 AdamW steps at lr 2e-3, MiniLM LoRA r=8 + a fresh head on
+the ``[CLS]`` pooler) in one process
 (:func:`fedelta.simulations.in_process.federate`, the same round and client code as a
 Flower run) and records, per round:
 
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import harness
 import numpy as np
+from convergence import OLD_DEFAULT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -46,7 +49,8 @@ RUNS = {f"seed-{seed}": seed for seed in (42, 0, 1)}
 
 def run(name: str, args: argparse.Namespace) -> dict:
     """One seed of the default task, with every site's upload kept for the diagnosis."""
-    config = load_config(DEFAULT).replace(**{"fraction-evaluate": 0.0, "seed": RUNS[name]})
+    overrides = {**OLD_DEFAULT, "fraction-evaluate": 0.0, "seed": RUNS[name]}
+    config = load_config(DEFAULT).replace(**overrides)
     uploads: dict[int, dict[str, np.ndarray]] = {}
 
     def keep(site: protocol.Site, server_round: int, reply):

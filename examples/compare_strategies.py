@@ -1,8 +1,9 @@
 """Compare aggregation strategies on the default task from Python.
 
-FedAvg, FedAdam (server-side Adam), FFA-LoRA (A frozen, only B averaged: exact) and
-FedAvg over top-5% sparse int8 uploads, each over two seeds, on the default
-federation (MiniLM-L6 LoRA r=8, 8 label-skewed Rotten Tomatoes sites, 5 rounds x 25
+The default recipe (FedAvgM), plain FedAvg, FedAdam (server-side Adam), SCAFFOLD,
+FedNova, FFA-LoRA (A frozen, only B averaged: exact) and top-5% sparse int8 uploads,
+each over three seeds, on the default federation and its local-training recipe
+(MiniLM-L6 LoRA r=8, 8 label-skewed Rotten Tomatoes sites, 5 rounds of at most 25
 steps). Writes a comparison table (CSV, markdown), plots and ``report.html``:
 
     python examples/compare_strategies.py                      # outputs/compare-strategies
@@ -24,8 +25,11 @@ from fedelta.simulations import Experiment, run_experiment
 DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
 
 VARIANTS = {
-    "fedavg": {},
+    "default": {},
+    "fedavg": {"strategy.optimizer": "fedavg"},
     "fedadam": {"strategy.optimizer": "fedadam"},  # server Adam, server-lr 0.01
+    "scaffold": {"strategy.optimizer": "scaffold"},
+    "fednova": {"strategy.optimizer": "fednova"},
     "ffa-lora": {"strategy.lora": "ffa"},
     "top5-int8": {
         "compression.sparsity": "top-k",
@@ -38,7 +42,7 @@ VARIANTS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/compare-strategies"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 0, 1])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
 

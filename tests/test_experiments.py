@@ -95,13 +95,16 @@ def test_the_example_file_plans_what_the_example_script_runs():
         EXAMPLES / "experiments" / "compare-strategies.toml"
     ).planned_runs()
     from_python = Experiment(
-        "compare-strategies", load_config(script.DEFAULT_CONFIG), script.VARIANTS, seeds=[0, 1]
+        "compare-strategies", load_config(script.DEFAULT_CONFIG), script.VARIANTS, seeds=[42, 0, 1]
     ).planned_runs()
     assert [(p.dirname, p.config.to_flat()) for p in from_file] == [
         (p.dirname, p.config.to_flat()) for p in from_python
     ]
     arms = {p.arm: p.config for p in from_file}
-    assert set(arms) == {"fedavg", "fedadam", "ffa-lora", "top5-int8"}
+    assert set(arms) == {
+        "default", "fedavg", "fedadam", "scaffold", "fednova", "ffa-lora", "top5-int8"
+    }
+    assert arms["default"].strategy.optimizer == "fedavgm"
     assert arms["fedadam"].strategy.optimizer == "fedadam"
     assert arms["ffa-lora"].strategy.lora == "ffa"
     assert arms["top5-int8"].compression.sparsity == "top-k"
