@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 
@@ -20,6 +21,7 @@ from fedelta.server.evaluation import CentralEvaluator
 from fedelta.server.export import load_exported
 from fedelta.server.federation import ShortRoundError
 from fedelta.simulations import simulate
+from fedelta.tasks.pooling import apply_pooling
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +65,15 @@ def test_two_clients_one_round_end_to_end(tiny_config, tmp_path, capsys):
     assert (result.adapter_dir / "adapter_config.json").is_file()
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    merged = AutoModelForSequenceClassification.from_pretrained(str(result.run_dir / "merged"))
+    # MiniLM pools by the mean, which its merged folder records: a plain load plus
+    # apply_pooling gives the adapter's predictions.
+    info = json.loads((result.run_dir / "merged" / "fedelta.json").read_text())
+    assert info["pooling"] == "mean" and info["finetuning"] == "full"
+    merged = apply_pooling(
+        AutoModelForSequenceClassification.from_pretrained(str(result.run_dir / "merged")),
+        info["pooling"],
+        "merged",
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(result.run_dir / "merged"))
     batch = tokenizer(
         ["a moving, funny film", "dull and far too long"], return_tensors="pt", padding=True

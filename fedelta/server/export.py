@@ -112,7 +112,12 @@ def load_exported(adapter_dir: Path) -> torch.nn.Module:
 
 
 def export_merged(adapter_dir: Path, out_dir: Path) -> Path:
-    """Fold the adapter into the base weights and save a plain Transformers model."""
+    """Fold the adapter into the base weights and save a Transformers model folder.
+
+    A ``[CLS]``-pooled classifier is a plain Transformers model. A mean-pooled one
+    (``model.pooling``) has no pooler weights: its ``fedelta.json`` records the
+    pooling, and :func:`load_exported` (or ``apply_pooling`` after a plain load)
+    restores it; a bare ``from_pretrained`` would read a fresh ``[CLS]`` pooler."""
     model = load_exported(adapter_dir)
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
@@ -121,4 +126,6 @@ def export_merged(adapter_dir: Path, out_dir: Path) -> Path:
     load_tokenizer(info["base-model"], info.get("task", "classification")).save_pretrained(
         str(out_dir)
     )
+    merged = {**info, "finetuning": "full"}
+    (out_dir / INFO_FILE).write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
     return out_dir
