@@ -102,7 +102,13 @@ def test_the_example_file_plans_what_the_example_script_runs():
     ]
     arms = {p.arm: p.config for p in from_file}
     assert set(arms) == {
-        "default", "fedavg", "fedadam", "scaffold", "fednova", "ffa-lora", "top5-int8"
+        "default",
+        "fedavg",
+        "fedadam",
+        "scaffold",
+        "fednova",
+        "ffa-lora",
+        "top5-int8",
     }
     assert arms["default"].strategy.optimizer == "fedavgm"
     assert arms["fedadam"].strategy.optimizer == "fedadam"
