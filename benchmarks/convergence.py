@@ -47,88 +47,32 @@ recipe it had before this benchmark chose a new one (AdamW at lr 2e-3 afresh eac
 round, plain cross-entropy, FedAvg), but MiniLM's own mean pooling."""
 OLD_DEFAULT = {**BASE, "model.pooling": "cls"}
 """The default task as it was: also ``[CLS]`` pooling through the untrained pooler."""
+CALIBRATED: dict[str, object] = {
+    "loss": "logit-adjusted",
+    "lr": 1e-3,
+    "lr-scheduler": "cosine",
+    "max-local-epochs": 2.0,
+}
+"""The first arm that stopped the majority-class collapse; later arms build on it."""
+KEPT_ADAM = {**CALIBRATED, "warmup-steps": 5, "keep-optimizer-state": True}
+SERVER_MOMENTUM = {**KEPT_ADAM, "strategy.optimizer": "fedavgm", "strategy.momentum": 0.5}
 ARMS: dict[str, dict[str, object]] = {
     "before": {"model.pooling": "cls"},
     "mean-pooling-lr5e-4": {"lr": 5e-4},
-    "logit-adjusted-cosine": {
-        "loss": "logit-adjusted",
-        "lr": 1e-3,
-        "lr-scheduler": "cosine",
-        "max-local-epochs": 2.0,
-    },
-    "warm-kept-adam": {
-        "loss": "logit-adjusted",
-        "lr": 1e-3,
-        "lr-scheduler": "cosine",
-        "max-local-epochs": 2.0,
-        "warmup-steps": 5,
-        "keep-optimizer-state": True,
-    },
-    "ffa-warm-kept-adam": {
-        "loss": "logit-adjusted",
-        "lr": 2e-3,
-        "lr-scheduler": "cosine",
-        "max-local-epochs": 2.0,
-        "warmup-steps": 5,
-        "keep-optimizer-state": True,
-        "strategy.lora": "ffa",
-    },
-    "kept-adam-lr2e-3": {
-        "loss": "logit-adjusted",
-        "lr": 2e-3,
-        "lr-scheduler": "cosine",
-        "max-local-epochs": 2.0,
-        "warmup-steps": 5,
-        "keep-optimizer-state": True,
-    },
-    "kept-adam-server-momentum": {
-        "loss": "logit-adjusted",
-        "lr": 1e-3,
-        "lr-scheduler": "cosine",
-        "max-local-epochs": 2.0,
-        "warmup-steps": 5,
-        "keep-optimizer-state": True,
-        "strategy.optimizer": "fedavgm",
-        "strategy.momentum": 0.5,
-    },
-    "server-momentum-six-rounds": {
-        "num-server-rounds": 6,
-        "loss": "logit-adjusted",
-        "lr": 1e-3,
-        "lr-scheduler": "cosine",
-        "max-local-epochs": 2.0,
-        "warmup-steps": 5,
-        "keep-optimizer-state": True,
-        "strategy.optimizer": "fedavgm",
-        "strategy.momentum": 0.5,
-    },
+    "logit-adjusted-cosine": CALIBRATED,
+    "warm-kept-adam": KEPT_ADAM,
+    "ffa-warm-kept-adam": {**KEPT_ADAM, "lr": 2e-3, "strategy.lora": "ffa"},
+    "kept-adam-lr2e-3": {**KEPT_ADAM, "lr": 2e-3},
+    "kept-adam-server-momentum": SERVER_MOMENTUM,
+    "server-momentum-six-rounds": {"num-server-rounds": 6, **SERVER_MOMENTUM},
     "ten-short-rounds": {
         "num-server-rounds": 10,
         "local-steps": 12,
-        "loss": "logit-adjusted",
-        "lr": 1e-3,
-        "lr-scheduler": "cosine",
-        "max-local-epochs": 2.0,
+        **KEPT_ADAM,
         "warmup-steps": 3,
-        "keep-optimizer-state": True,
     },
-    "ncm-head": {
-        "loss": "logit-adjusted",
-        "lr": 1e-3,
-        "lr-scheduler": "cosine",
-        "max-local-epochs": 2.0,
-        "warmup-steps": 5,
-        "keep-optimizer-state": True,
-        "strategy.head": "ncm",
-    },
-    "slow-body-fast-head": {
-        "loss": "logit-adjusted",
-        "lr": 5e-4,
-        "head-lr": 5e-3,
-        "lr-scheduler": "cosine",
-        "max-local-epochs": 2.0,
-        "warmup-steps": 5,
-    },
+    "ncm-head": {**KEPT_ADAM, "strategy.head": "ncm"},
+    "slow-body-fast-head": {**CALIBRATED, "lr": 5e-4, "head-lr": 5e-3, "warmup-steps": 5},
 }
 """Arm name to the keys it changes in :data:`BASE` (``before`` is the default task as
 it was; ``kept-adam-server-momentum`` is the recipe ``examples/default.toml`` now has)."""
