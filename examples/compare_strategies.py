@@ -9,7 +9,9 @@ steps). Writes a comparison table (CSV, markdown), plots and ``report.html``:
     python examples/compare_strategies.py                      # outputs/compare-strategies
     python examples/compare_strategies.py --set num-server-rounds=2 --out /tmp/quick
 
-Run it again with the same ``--out`` to resume: finished runs are not re-run.
+Run it again with the same ``--out`` to resume: finished runs are not re-run; run it in a
+second shell at the same time and the two split the runs. Each run trains in one process
+(``--engine in-process``, no Ray); ``--engine simulation`` runs it on Flower.
 The same experiment as a file for the CLI:
 ``fedelta experiment examples/experiments/compare-strategies.toml``.
 """
@@ -23,6 +25,7 @@ from fedelta.config import load_config
 from fedelta.simulations import Experiment, run_experiment
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
+ENGINE = "in-process"
 
 VARIANTS = {
     "default": {},
@@ -44,6 +47,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/compare-strategies"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 0, 1])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument(
+        "--engine",
+        choices=["in-process", "simulation"],
+        default=ENGINE,
+        help="in-process: the same rounds without Ray (default); simulation: on Flower",
+    )
     args = parser.parse_args()
 
     experiment = Experiment(
@@ -51,6 +60,7 @@ def main() -> None:
         base=load_config(DEFAULT_CONFIG, args.overrides),
         variants=VARIANTS,
         seeds=args.seeds,
+        engine=args.engine,
     )
     done = run_experiment(experiment, args.out)
     print(done.table)

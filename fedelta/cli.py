@@ -89,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
         help="output dir (default: outputs/<experiment name>); run the "
         "same command again to resume",
     )
+    grid.add_argument(
+        "--engine",
+        choices=["simulation", "in-process"],
+        help="what runs each cell (default: the file's [experiment] engine, else "
+        "simulation): Flower's Simulation Engine, or the same rounds in one process "
+        "without Ray (faster; no federated evaluation or secure aggregation). Start the "
+        "command in several shells to run cells side by side",
+    )
     _add_set(grid, "override a key of the base config, for every run (repeatable)")
     grid.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
     grid.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -273,6 +281,8 @@ def _experiment(args: argparse.Namespace) -> int:
     from fedelta.simulations import Experiment, run_experiment
 
     experiment = Experiment.from_toml(args.file, args.overrides)
+    if args.engine:
+        experiment.engine = args.engine
     out = args.out or Path("outputs") / experiment.name
     done = run_experiment(experiment, out, progress=not args.no_progress, verbose=args.verbose)
     print(done.table)

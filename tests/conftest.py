@@ -46,6 +46,39 @@ def tiny_config(tmp_path) -> RunConfig:
     )
 
 
+def build_tiny_bert(folder) -> str:
+    """A randomly initialised 2-layer BERT with MiniLM's tokenizer, saved in
+    ``folder``: for tests about the round loop and its strategies, where the model only
+    has to be real and fast."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from fedelta.models import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
+    return _saved(folder, BertForSequenceClassification(config), tokenizer)
+
+
+def _saved(folder, model, tokenizer) -> str:
+    """``folder`` as a local Hugging Face model folder, as a user points model.name at one."""
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
 def build_tiny_llama(folder) -> str:
     """A randomly initialised 2-layer Llama with a byte-level BPE tokenizer trained on
     the chatterbot corpus (no chat template: the ChatML fallback applies); saved as a
@@ -87,9 +120,7 @@ def build_tiny_llama(folder) -> str:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return str(folder)
+    return _saved(folder, LlamaForCausalLM(config), tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -97,6 +97,9 @@ def test_the_example_file_plans_what_the_example_script_runs():
     from_python = Experiment(
         "compare-strategies", load_config(script.DEFAULT_CONFIG), script.VARIANTS, seeds=[42, 0, 1]
     ).planned_runs()
+    assert Experiment.from_toml(EXAMPLES / "experiments" / "compare-strategies.toml").engine == (
+        script.ENGINE
+    )
     assert [(p.dirname, p.config.to_flat()) for p in from_file] == [
         (p.dirname, p.config.to_flat()) for p in from_python
     ]
@@ -240,7 +243,12 @@ def test_a_grid_runs_compares_and_resumes_with_a_strategy_of_your_own(
     assert csv_lines[0].startswith("arm,variant,seeds,final-test-accuracy-mean")
     assert len(csv_lines) == 3 and len((out / "runs.csv").read_text().splitlines()) == 5
     plots = sorted((out / "plots").glob("*.png"))
-    assert [p.name for p in plots] == ["bytes.png", "quality.png", "quality_vs_uplink.png"]
+    assert [p.name for p in plots] == [
+        "bytes.png",
+        "drift.png",
+        "quality.png",
+        "quality_vs_uplink.png",
+    ]
     for plot in plots:
         with Image.open(plot) as image:
             assert image.format == "PNG" and image.width >= 600
@@ -253,7 +261,7 @@ def test_a_grid_runs_compares_and_resumes_with_a_strategy_of_your_own(
     shutil.rmtree(out / "plots")
     second.report.unlink()
     assert cli(["report", str(out)]) == 0
-    assert second.report.is_file() and len(list((out / "plots").glob("*.png"))) == 3
+    assert second.report.is_file() and len(list((out / "plots").glob("*.png"))) == 4
 
     # A changed experiment never mixes with the runs already there.
     with pytest.raises(ConfigError, match="lr changed"):
@@ -277,3 +285,40 @@ def test_private_runs_get_an_epsilon_column_and_plot(tmp_path):
     names = [p.name for p in write_plots(arms, tmp_path / "plots")]
     assert names == ["quality.png", "bytes.png", "quality_vs_uplink.png", "epsilon.png"]
     assert "epsilon.png" not in [p.name for p in write_plots(arms[1:], tmp_path / "plain")]
+    rows[1] |= {"update-cosine-mean": 0.4, "update-norm-mean": 2.0}
+    drifted = [p.name for p in write_plots(arms[1:], tmp_path / "drift")]
+    assert drifted == ["quality.png", "bytes.png", "quality_vs_uplink.png", "drift.png"]
+
+
+def test_the_engine_is_read_from_the_file_and_checked(tmp_path):
+    spec = tmp_path / "grid.toml"
+    spec.write_text('[experiment]\nname = "e"\nengine = "in-process"\n[variants.a]\n')
+    assert Experiment.from_toml(spec).engine == "in-process"
+    assert 'engine = "in-process"' in Experiment.from_toml(spec).to_toml()
+    spec.write_text('[experiment]\nname = "e"\nengine = "ray"\n[variants.a]\n')
+    with pytest.raises(ConfigError, match="engine 'ray' is not one of simulation, in-process"):
+        Experiment.from_toml(spec).planned_runs()
+
+
+@pytest.mark.slow
+def test_an_in_process_grid_leaves_a_run_claimed_elsewhere_to_that_process(
+    tiny_config, tmp_path, capsys
+):
+    """Two processes on one folder split the runs: a run another process holds is
+    neither trained nor reported, and the next call picks it up."""
+    from fedelta.simulations.experiment import _claim
+
+    base = tiny_config.replace(**{"local-steps": 1, "output-dir": ""})
+    experiment = Experiment("tiny", base, {"fedavg": {}}, seeds=[0, 1], engine="in-process")
+    out = tmp_path / "grid"
+    with _claim(out / "runs" / "fedavg__seed=0") as claimed:
+        assert claimed
+        first = run_experiment(experiment, out)
+    assert first.ran == ["fedavg__seed=1"] and first.skipped == []
+    assert "1 run(s) were being trained by another process" in capsys.readouterr().err
+    assert [len(arm.results) for arm in first.arms] == [1]
+    assert RunResult.load(out / "runs" / "fedavg__seed=1").summary["engine"] == "in-process"
+    second = run_experiment(experiment, out)
+    assert second.ran == ["fedavg__seed=0"] and second.skipped == ["fedavg__seed=1"]
+    assert [len(arm.results) for arm in second.arms] == [2]
+    assert (out / "runs" / "fedavg__seed=0" / "report.html").is_file()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny_bert
 from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
@@ -225,22 +226,8 @@ def test_head_strategies_combine_with_secure_aggregation_when_they_send_in_the_c
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A random 2-layer BERT with MiniLM's tokenizer and a 96-row labelled CSV: the
     head strategies' tests are about which tensors move, not about accuracy."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from fedelta.models import resolve_model_path
-
     folder = tmp_path_factory.mktemp("head-strategies")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
-    torch.manual_seed(0)
-    bert = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-    )
-    BertForSequenceClassification(bert).save_pretrained(str(folder / "bert"))
-    tokenizer.save_pretrained(str(folder / "bert"))
+    build_tiny_bert(folder / "bert")
     words = ["great", "awful", "fine", "dull", "moving", "boring"]
     rows = [f"a {words[i % 6]} film number {i},{i % 2}" for i in range(96)]
     (folder / "data.csv").write_text("text,label\n" + "\n".join(rows) + "\n")

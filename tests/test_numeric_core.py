@@ -552,3 +552,47 @@ def test_apply_fold_refuses_unknown_modules_and_wrong_shapes(adapted):
     with pytest.raises(ValueError, match=r"fold for 'base_model.model.q' has shape \(5, 4\)"):
         apply_fold(adapted, {q: torch.zeros(5, 4)})
     torch.testing.assert_close(adapted.get_submodule(q).base_layer.weight, w_q)
+
+
+def test_drift_metrics_match_a_hand_computation():
+    from fedelta.server.drift import DriftMonitor
+    from fedelta.tensors import SparseTensor
+
+    bias = "classifier.modules_to_save.default.bias"
+    before = {"layer.lora_A": torch.zeros(2, 2), bias: torch.tensor([0.0, 0.0])}
+    after = {
+        "layer.lora_A": torch.tensor([[1.0, 0.0], [0.0, 0.0]]),
+        bias: torch.tensor([0.5, -0.5]),
+    }
+    monitor = DriftMonitor()
+    # Along the global change; and orthogonal to it in the factor, sent sparse.
+    monitor.observe(
+        "a",
+        {"layer.lora_A": torch.tensor([[2.0, 0.0], [0.0, 0.0]]), bias: torch.tensor([1.0, -1.0])},
+    )
+    monitor.observe(
+        "b",
+        {
+            "layer.lora_A": SparseTensor(torch.tensor([1]), torch.tensor([3.0]), (2, 2)),
+            bias: torch.tensor([-1.0, 1.0]),
+        },
+    )
+    row = monitor.close(before, after)
+    moved = math.sqrt(1 + 0.5)
+    assert row["update-norm-by-site"] == {
+        "a": pytest.approx(math.sqrt(6)),
+        "b": pytest.approx(math.sqrt(11)),
+    }
+    assert row["update-cosine-by-site"]["a"] == pytest.approx(
+        (2 + 1) / (math.sqrt(6) * moved), abs=1e-4
+    )
+    assert row["update-cosine-by-site"]["b"] == pytest.approx(
+        -1 / (math.sqrt(11) * moved), abs=1e-4
+    )
+    assert row["update-cosine-mean"] == pytest.approx(
+        sum(row["update-cosine-by-site"].values()) / 2, abs=1e-4
+    )
+    assert row["head-bias"] == [0.5, -0.5]
+    assert row["head-bias-update-by-site"] == {"a": [1.0, -1.0], "b": [-1.0, 1.0]}
+    # A securely aggregated round: no site's own update, only the global head.
+    assert DriftMonitor().close(before, after) == {"head-bias": [0.5, -0.5]}

@@ -61,29 +61,6 @@ def _initial_state(config: RunConfig) -> dict[str, torch.Tensor]:
     return build_strategy(config).initial_state(CentralEvaluator(config).initial_state)
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A randomly initialised 2-layer BERT with MiniLM's tokenizer: the round loop's
-    tests are about the loop, so the model only has to be real and fast."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from fedelta.models import resolve_model_path
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-    )
-    BertForSequenceClassification(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return str(folder)
-
-
 @pytest.fixture
 def loop_config(
     tiny_config: RunConfig, tiny_bert: str, monkeypatch: pytest.MonkeyPatch
@@ -287,3 +264,46 @@ def test_weight_decay_shrinks_the_update_by_lr_times_decay_times_the_weights(loo
         torch.testing.assert_close(uploads[decay][name], expected, rtol=0, atol=1e-6)
         moved += int(start[name].abs().max() > 0)
     assert moved > 0  # LoRA A and the head start non-zero (B starts at zero)
+
+
+def test_both_engines_sample_alike_and_the_in_process_run_folder_resumes(loop_config, tmp_path):
+    """``fraction-train`` 0.5 of 4 sites: the in-process engine trains the sites the
+    Flower round loop samples, writes the same run folder (rows, checkpoints, bytes
+    per site), and a run killed after round 1 and resumed equals the straight one."""
+    from fedelta.simulations import run_in_process
+
+    config = loop_config.replace(
+        **{
+            "num-server-rounds": 3,
+            "fraction-train": 0.5,
+            "min-train-nodes": 1,
+            "simulation.num-supernodes": 4,
+        }
+    )
+    flower = _run(config.replace(output_dir=str(tmp_path / "flower")), Transport(4))
+    straight = run_in_process(
+        config.replace(output_dir=str(tmp_path / "straight")), progress=False, report=False
+    )
+    assert straight.summary["engine"] == "in-process" and straight.summary["rounds"] == 3
+    sampled = [r["sites-sampled"] for r in flower[1:]]
+    assert [r["sites-sampled"] for r in straight.rows[1:]] == sampled
+    assert len({tuple(s) for s in sampled}) > 1
+    for ours, theirs in zip(straight.rows[1:], flower[1:], strict=True):
+        assert ours["train-loss"] == pytest.approx(theirs["train-loss"])
+        assert sorted(ours["bytes-up-by-site"]) == ours["sites-sampled"]
+        if ours["round"] > 1:  # Flower's round 1 also counts every node's site query
+            assert sorted(theirs["bytes-up-by-site"]) == ours["sites-sampled"]
+            for site, count in ours["bytes-up-by-site"].items():  # + message metadata
+                assert 0 < theirs["bytes-up-by-site"][site] - count < 2_000
+    a, b = load_checkpoint(tmp_path / "flower"), load_checkpoint(tmp_path / "straight")
+    for name, tensor in a.global_state.items():
+        torch.testing.assert_close(b.global_state[name], tensor, rtol=0, atol=1e-6)
+
+    split = config.replace(output_dir=str(tmp_path / "split"))
+    run_in_process(split.replace(**{"num-server-rounds": 1}), progress=False, report=False)
+    resumed = run_in_process(split.replace(resume=True), progress=False, report=False)
+    assert [r["round"] for r in resumed.rows] == [0, 1, 2, 3]
+    assert [r["sites-sampled"] for r in resumed.rows[1:]] == sampled
+    c = load_checkpoint(tmp_path / "split")
+    for name, tensor in b.global_state.items():
+        assert torch.equal(c.global_state[name], tensor), name

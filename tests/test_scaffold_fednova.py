@@ -22,7 +22,6 @@ from fedelta.compatibility import check_config
 from fedelta.config import ConfigError, RunConfig
 from fedelta.errors import InvalidUpdateError
 from fedelta.lora import A_SUFFIX, B_SUFFIX
-from fedelta.models import resolve_model_path
 from fedelta.server.checkpoint import load_checkpoint
 from fedelta.server.federation import Federation
 from fedelta.server.metrics import MetricsLog
@@ -297,27 +296,6 @@ def test_the_optimizer_matrix_is_in_the_docs():
 
 
 # -- whole runs: the in-process engine and the round loop over Flower's serialization -----
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A randomly initialised 2-layer BERT with MiniLM's tokenizer (as the round loop's
-    tests build it)."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
-    torch.manual_seed(0)
-    bert = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-    )
-    BertForSequenceClassification(bert).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return str(folder)
-
-
 @pytest.fixture
 def scaffold_config(tiny_config: RunConfig, tiny_bert: str, monkeypatch) -> RunConfig:
     """Two sites, one plain-SGD step each per round, a tiny BERT, no federated evaluation."""

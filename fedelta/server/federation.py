@@ -128,10 +128,10 @@ class Federation:
                 "wall-seconds": round(time.monotonic() - round_started, 3),
             }
             self.folder.record(row, global_state, self.strategy, rng, self.accountants)
-            bar.set_postfix(_postfix(row), refresh=False)
+            bar.set_postfix(round_postfix(row), refresh=False)
             bar.update(1)
             if not self.progress:
-                log.info("round %d: %s", server_round, _postfix(row))
+                log.info("round %d: %s", server_round, round_postfix(row))
         bar.close()
 
         summary = self.folder.finish(evaluator, self.strategy, global_state, started, stopped)
@@ -319,7 +319,8 @@ class Federation:
         return metrics if result.examples else dict.fromkeys(metrics)
 
 
-def _postfix(row: Mapping[str, Any]) -> dict[str, str]:
+def round_postfix(row: Mapping[str, Any]) -> dict[str, str]:
+    """What a round's progress bar shows of its metrics row."""
     shown = {
         "test-accuracy": "acc",
         "test-perplexity": "ppl",

@@ -26,6 +26,7 @@ from fedelta.compression import UplinkCompression
 from fedelta.config import RunConfig
 from fedelta.errors import InvalidUpdateError
 from fedelta.privacy.accounting import PrivacyAccountant
+from fedelta.server.drift import DriftMonitor
 from fedelta.server.validation import ReplyMetrics, read_metrics, read_update
 from fedelta.strategies import Strategy
 from fedelta.strategies.heads import round_phase, select_layout
@@ -102,6 +103,8 @@ class TrainingRound:
         self.dense_fp32 = 0
         self._loss_sum = 0.0
         self._examples = 0
+        self.drift = DriftMonitor()
+        """Each site's update, for the round's drift metrics (:mod:`fedelta.server.drift`)."""
 
     @property
     def sampled(self) -> list[str]:
@@ -154,6 +157,7 @@ class TrainingRound:
             self.fail(site, f"{REJECTED}: {err}")
             self.rejected += 1
             return
+        self.drift.observe(site, update.delta)
         dense = _dense_bytes(uplink) + sum(_dense_bytes(lay) for lay in extra_layouts.values())
         self._count(site, update.metrics, dense)
 
@@ -216,7 +220,8 @@ class TrainingRound:
         if len(self.replied) < self.config.min_train_replies:
             return None, row
         new_state = self.strategy.finish_round(self.global_state)
-        return new_state, self.strategy.round_metrics() | row
+        drift = self.drift.close(self.global_state, new_state)
+        return new_state, self.strategy.round_metrics() | row | drift
 
 
 def _read_extras(content: RecordDict, layouts: Mapping[str, Layout]) -> dict[str, TensorDict]:

@@ -11,7 +11,7 @@ from fedelta.simulations.experiment import (
     Variant,
     run_experiment,
 )
-from fedelta.simulations.in_process import InProcessRun, federate
+from fedelta.simulations.in_process import InProcessRun, federate, run_in_process
 from fedelta.simulations.report import write_comparison_report, write_run_report
 from fedelta.simulations.results import RunResult
 from fedelta.simulations.simulate import simulate
@@ -26,6 +26,7 @@ __all__ = [
     "Variant",
     "federate",
     "run_experiment",
+    "run_in_process",
     "simulate",
     "write_comparison_report",
     "write_run_report",

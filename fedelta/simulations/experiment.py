@@ -8,6 +8,7 @@ tables::
     name = "compare-strategies"
     config = "default.toml"        # optional base config, relative to this file
     seeds = [0, 1]
+    engine = "in-process"          # optional: "simulation" (Flower, the default)
 
     [variants.fedavg]              # named arms, each a set of overrides
     [variants.fedadam]
@@ -19,17 +20,26 @@ tables::
 Each run lives in ``OUT/runs/<variant>__<key=value>__seed=<s>/`` with its own config,
 metrics, checkpoints, adapter and report. Running the same experiment into the same
 folder again skips finished runs and resumes an interrupted one from its last
-checkpoint.
+checkpoint. Several processes (or machines sharing the folder) can run the same
+experiment at once: each run is claimed by the process training it, and the others
+take the next one.
+
+``engine`` says what runs each cell: ``"simulation"``, Flower's Simulation Engine
+(:func:`~fedelta.simulations.simulate`), or ``"in-process"``, the same sites, round and
+strategy in one process without Ray (:func:`~fedelta.simulations.in_process.run_in_process`:
+faster, no federated evaluation or secure aggregation).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import itertools
 import json
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +60,7 @@ from fedelta.server.checkpoint import FILENAME as CHECKPOINT_FILE
 from fedelta.server.metrics import SUMMARY_FILE
 from fedelta.server.run_folder import config_changes
 from fedelta.simulations.comparison import Arm, to_markdown
+from fedelta.simulations.in_process import run_in_process
 from fedelta.simulations.report import REPORT_FILE, write_comparison_report
 from fedelta.simulations.results import RunResult, class_path, recorded_strategy
 from fedelta.simulations.simulate import simulate
@@ -57,6 +68,9 @@ from fedelta.strategies import Strategy
 
 SPEC_FILE = "experiment.toml"
 RUNS_DIR = "runs"
+CLAIM_FILE = ".claim"
+"""Locked by the process training a run, so that concurrent processes skip it."""
+ENGINES = ("simulation", "in-process")
 StrategySource = Strategy | Callable[[RunConfig], Strategy]
 """A strategy object (copied fresh for every run) or a function of the run's config."""
 _EXPERIMENT_TABLES = ("experiment", "variants", "grid")
@@ -100,6 +114,8 @@ class Experiment:
     """Config keys to lists of values; every combination is run for every variant."""
     seeds: Sequence[int] = ()
     """Repeats of every arm (``seed`` of the run config); default: the base seed."""
+    engine: str = "simulation"
+    """What runs each cell: ``"simulation"`` (Flower) or ``"in-process"``."""
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: Iterable[str] = ()) -> Experiment:
@@ -107,9 +123,11 @@ class Experiment:
         path = Path(path)
         raw = read_toml(path)
         meta = raw.get("experiment", {})
-        unknown = sorted(set(meta) - {"name", "config", "seeds"})
+        unknown = sorted(set(meta) - {"name", "config", "seeds", "engine"})
         if unknown:
-            raise ConfigError(f"{path}: unknown [experiment] keys {unknown} (name, config, seeds)")
+            raise ConfigError(
+                f"{path}: unknown [experiment] keys {unknown} (name, config, seeds, engine)"
+            )
         flat = flatten_mapping({k: v for k, v in raw.items() if k not in _EXPERIMENT_TABLES})
         if "config" in meta:
             base_path = path.parent / meta["config"]
@@ -130,6 +148,7 @@ class Experiment:
             variants={name: flatten_mapping(table) for name, table in variants.items()},
             grid=flatten_mapping(raw.get("grid", {})),
             seeds=meta.get("seeds", ()),
+            engine=meta.get("engine", "simulation"),
         )
 
     def planned_runs(self) -> list[PlannedRun]:
@@ -171,6 +190,7 @@ class Experiment:
         objects are recorded by class only: they are code, not config)."""
         lines = ["[experiment]", f"name = {json.dumps(self.name)}"]
         lines.append(f"seeds = {list(self.seeds) or [self.base.seed]}")
+        lines.append(f"engine = {json.dumps(self.engine)}")
         if self.grid:
             lines += ["", "[grid]"]
             lines += [f"{json.dumps(k)} = {_toml_list(v)}" for k, v in self.grid.items()]
@@ -186,6 +206,10 @@ class Experiment:
         return self.base.to_toml() + "\n" + "\n".join(lines) + "\n"
 
     def _check(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(
+                f"experiment engine {self.engine!r} is not one of {', '.join(ENGINES)}"
+            )
         if not self.name or _UNSAFE.search(self.name):
             raise ConfigError(
                 f"experiment name {self.name!r} must be letters, digits and . _ = + - only"
@@ -244,29 +268,32 @@ def run_experiment(
     finished = {plan.dirname: _finished(out_dir / RUNS_DIR / plan.dirname, plan) for plan in plans}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SPEC_FILE).write_text(experiment.to_toml(), encoding="utf-8")
-    ran, skipped = [], []
+    ran, skipped, elsewhere = [], [], []
     bar = tqdm(total=len(plans), desc=experiment.name, unit="run", disable=not progress)
     for plan in plans:
         run_dir = out_dir / RUNS_DIR / plan.dirname
-        if not finished[plan.dirname]:
-            config = plan.config.replace(
-                **{"output-dir": str(run_dir), "resume": (run_dir / CHECKPOINT_FILE).exists()}
-            )
-            bar.set_postfix_str(plan.dirname, refresh=True)
-            simulate(
-                config,
-                strategy=plan.build_strategy(config),
-                progress=progress,
-                nested=True,
-                verbose=verbose,
-            )
-            ran.append(plan.dirname)
-        else:
+        if finished[plan.dirname]:
             skipped.append(plan.dirname)
+        else:
+            with _claim(run_dir) as claimed:
+                if not claimed:
+                    elsewhere.append(plan.dirname)
+                elif _finished(run_dir, plan):  # finished by another process meanwhile
+                    skipped.append(plan.dirname)
+                else:
+                    bar.set_postfix_str(plan.dirname, refresh=True)
+                    _run(experiment.engine, plan, run_dir, progress, verbose)
+                    ran.append(plan.dirname)
         bar.update(1)
     bar.close()
     if skipped and progress:
         print(f"{len(skipped)} finished run(s) in {out_dir} were not re-run", file=sys.stderr)
+    if elsewhere and progress:
+        print(
+            f"{len(elsewhere)} run(s) were being trained by another process and are left "
+            "out of this report; run the experiment again when they finish",
+            file=sys.stderr,
+        )
     return ExperimentResult(out_dir, write_experiment_report(experiment, out_dir), ran, skipped)
 
 
@@ -286,6 +313,35 @@ def write_experiment_report(experiment: Experiment, out_dir: str | Path) -> list
     arms = [Arm(label, runs, settings[label]) for label, runs in results.items()]
     write_comparison_report(f"Experiment {experiment.name}", arms, out_dir, experiment.to_toml())
     return arms
+
+
+def _run(engine: str, plan: PlannedRun, run_dir: Path, progress: bool, verbose: bool) -> None:
+    """Train (or resume) one planned run into ``run_dir`` with ``engine``."""
+    config = plan.config.replace(
+        **{"output-dir": str(run_dir), "resume": (run_dir / CHECKPOINT_FILE).exists()}
+    )
+    strategy = plan.build_strategy(config)
+    if engine == "in-process":
+        run_in_process(config, strategy=strategy, progress=progress, nested=True)
+    else:
+        simulate(config, strategy=strategy, progress=progress, nested=True, verbose=verbose)
+
+
+@contextlib.contextmanager
+def _claim(run_dir: Path) -> Iterator[bool]:
+    """Hold ``run_dir``'s claim while the body runs; ``False``: another process holds
+    it. The lock goes with the process, so a killed run leaves no stale claim."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / CLAIM_FILE, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _finished(run_dir: Path, plan: PlannedRun) -> bool:

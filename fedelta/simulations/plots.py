@@ -1,5 +1,6 @@
 """PNG plots of runs and comparisons: quality and loss per round, bytes per round,
-quality against total uplink bytes, and epsilon per round when a run is private.
+quality against total uplink bytes, client drift per round, and epsilon per round
+when a run is private.
 
 Each arm is one line (the mean over its seeds) with a shaded band from the lowest
 to the highest seed. Matplotlib's object API only: no pyplot state, no display.
@@ -32,6 +33,8 @@ def write_plots(arms: Sequence[Arm], out_dir: Path) -> list[Path]:
         _bytes(arms, out_dir / "bytes.png"),
         _quality_vs_uplink(arms, quality, label, out_dir / "quality_vs_uplink.png"),
     ]
+    if any(len(per_round(arm, "update-cosine-mean")[0]) for arm in arms):
+        paths.append(_drift(arms, out_dir / "drift.png"))
     if any(arm.private for arm in arms):
         paths.append(_epsilon(arms, out_dir / "epsilon.png"))
     return paths
@@ -154,6 +157,23 @@ def _quality_vs_uplink(arms: Sequence[Arm], key: str, label: str, path: Path) ->
     if key == "test-perplexity":
         ax.set_yscale("log")
     return _finish(fig, [ax], path)
+
+
+def _drift(arms: Sequence[Arm], path: Path) -> Path:
+    """How far the sites' updates agree with the global change, and how large they are."""
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.subplots(1, 2)
+    for index, arm in enumerate(arms):
+        color = f"C{index % 10}"
+        _line(left, arm, "update-cosine-mean", color=color, label=arm.label)
+        _line(right, arm, "update-norm-mean", color=color, label=arm.label)
+    left.set(
+        xlabel="round",
+        ylabel="cosine",
+        title="site update vs global change (mean over sites)",
+    )
+    right.set(xlabel="round", ylabel="L2 norm", title="site update norm (mean over sites)")
+    return _finish(fig, (left, right), path)
 
 
 def _epsilon(arms: Sequence[Arm], path: Path) -> Path:

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedelta.config import RUN_CONFIG_FILE, RunConfig, load_config
+from fedelta.config import RUN_CONFIG_FILE, ConfigError, RunConfig, load_config
 from fedelta.server.checkpoint import CheckpointError
 from fedelta.server.metrics import SUMMARY_FILE, MetricsLog
+from fedelta.strategies import Strategy
 
 STRATEGY_FILE = "strategy.json"
 """Written next to ``config.toml`` when a strategy object, not the config's
@@ -29,6 +30,25 @@ def recorded_strategy(run_dir: Path) -> str | None:
 def class_path(obj: object) -> str:
     """``module.Class`` of an object, as ``strategy.json`` records it."""
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def record_strategy(run_dir: Path, strategy: Strategy | None, resume: bool) -> None:
+    """Write which strategy object aggregates the run (none: the config's); a resume
+    must use the same one."""
+    path = run_dir / STRATEGY_FILE
+    planned = class_path(strategy) if strategy is not None else None
+    if resume:
+        made_by = recorded_strategy(run_dir)
+        if made_by != planned:
+            raise ConfigError(
+                f"'{run_dir}' was aggregated by {made_by or 'the config strategy'}; resume it "
+                f"with that, not {planned or 'the config strategy'} (from Python: "
+                "simulate(config, strategy=...))"
+            )
+    if strategy is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = {"class": planned, "name": getattr(strategy, "name", None)}
+        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 @dataclass(frozen=True)

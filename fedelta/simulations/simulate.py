@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import threading
-from pathlib import Path
 
 import psutil
 from flwr.clientapp import ClientApp
@@ -19,13 +18,13 @@ from flwr.clientapp import ClientApp
 from fedelta.build import model_spec
 from fedelta.client.app import app as fedelta_client_app
 from fedelta.compatibility import check_config
-from fedelta.config import ConfigError, RunConfig
+from fedelta.config import RunConfig
 from fedelta.data import load_client_data, load_corpus
 from fedelta.models import cached_model, resolve_model_path
 from fedelta.server.app import make_server_app, run_dir_for
 from fedelta.server.metrics import SUMMARY_FILE, write_summary
 from fedelta.simulations.report import write_run_report
-from fedelta.simulations.results import STRATEGY_FILE, RunResult, class_path, recorded_strategy
+from fedelta.simulations.results import RunResult, record_strategy
 from fedelta.strategies import Strategy
 from fedelta.tasks import build_task
 
@@ -54,7 +53,7 @@ def simulate(
     run_dir = run_dir_for(config)
     config = config.replace(output_dir=str(run_dir))
     preflight(config)
-    _record_strategy(run_dir, strategy, config.resume)
+    record_strategy(run_dir, strategy, config.resume)
     # Ray workers inherit the environment: no tokenizer thread pools behind their forks.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
@@ -90,25 +89,6 @@ def simulate(
     if report:
         write_run_report(result)
     return result
-
-
-def _record_strategy(run_dir: Path, strategy: Strategy | None, resume: bool) -> None:
-    """Write which strategy object aggregates the run (none: the config's); a resume
-    must use the same one."""
-    path = run_dir / STRATEGY_FILE
-    planned = class_path(strategy) if strategy is not None else None
-    if resume:
-        made_by = recorded_strategy(run_dir)
-        if made_by != planned:
-            raise ConfigError(
-                f"'{run_dir}' was aggregated by {made_by or 'the config strategy'}; resume it "
-                f"with that, not {planned or 'the config strategy'} (from Python: "
-                "simulate(config, strategy=...))"
-            )
-    if strategy is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        record = {"class": planned, "name": getattr(strategy, "name", None)}
-        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 class PeakMemory:
