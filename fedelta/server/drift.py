@@ -53,15 +53,16 @@ class DriftMonitor:
             row["head-bias"] = _rounded(after[bias])
         if not self._updates:
             return row
+        change = {k: after[k].double() - before[k].double() for k in after if k in before}
         norms, cosines, bias_updates = {}, {}, {}
         for site, update in sorted(self._updates.items()):
             moved = {
-                k: after[k].float() - before[k].float()
+                k: change[k]
                 for k, v in update.items()
-                if k in after and after[k].shape == v.shape  # a lower-rank site: its head
+                if k in change and change[k].shape == v.shape  # a lower-rank site: its head
             }
             norms[site] = round(global_norm(update), 6)
-            dot = sum(float((update[k].double() * moved[k].double()).sum()) for k in moved)
+            dot = sum(float((update[k].double() * moved[k]).sum()) for k in moved)
             denominator = global_norm({k: update[k] for k in moved}) * global_norm(moved)
             if denominator > 0:
                 cosines[site] = round(dot / denominator, 4)

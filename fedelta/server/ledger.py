@@ -12,12 +12,7 @@ from flwr.app import Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 
-def message_bytes(message: Message) -> int:
-    """Serialized size of ``message`` and everything it carries, each object once."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
-
-
-def content_bytes(content: RecordDict) -> int:
-    """Serialized size of a message's content alone (no message metadata): what the
-    in-process engine counts, where there are no Flower messages."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+def serialized_bytes(obj: Message | RecordDict) -> int:
+    """Serialized size of a message (or of a message's content alone, as the in-process
+    engine counts it) and everything it carries, each object once."""
+    return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())

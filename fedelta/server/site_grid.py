@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 
 from fedelta import protocol
 from fedelta.config import RunConfig
-from fedelta.server.ledger import message_bytes
+from fedelta.server.ledger import serialized_bytes
 
 log = logging.getLogger("fedelta")
 
@@ -106,7 +106,7 @@ class SiteGrid:
         """
         for m in messages:
             node = m.metadata.dst_node_id
-            self.down[node] = self.down.get(node, 0) + message_bytes(m)
+            self.down[node] = self.down.get(node, 0) + serialized_bytes(m)
         ids = list(self.grid.push_messages(messages))
         destination = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}
         pending = set(ids)
@@ -118,7 +118,7 @@ class SiteGrid:
                     continue
                 pending.discard(message_id)
                 node = destination[message_id]
-                self.up[node] = self.up.get(node, 0) + message_bytes(reply)
+                self.up[node] = self.up.get(node, 0) + serialized_bytes(reply)
                 yield destination[message_id], reply
             if pending:
                 if deadline is not None and time.monotonic() > deadline:

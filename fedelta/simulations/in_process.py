@@ -49,7 +49,7 @@ from fedelta.server.app import run_dir_for
 from fedelta.server.evaluation import CentralEvaluator
 from fedelta.server.federation import round_postfix
 from fedelta.server.head_init import HeadInitialisation
-from fedelta.server.ledger import content_bytes
+from fedelta.server.ledger import serialized_bytes
 from fedelta.server.metrics import format_table, write_summary
 from fedelta.server.round import TrainingRound, update_layout
 from fedelta.server.run_folder import RunFolder, with_label_names
@@ -72,8 +72,6 @@ class InProcessRun:
     """The global state after every round this call trained (index 0: the state it
     started from)."""
     evaluator: CentralEvaluator = field(repr=False)
-    summary: dict[str, Any] | None = None
-    """What ``summary.json`` holds, when the run was written to a folder."""
 
 
 def federate(
@@ -158,7 +156,7 @@ def federate(
         for name in sampled:
             content = train.content(name)
             reply = ClientSession(sites[name], site_states[name], reply_transform).train(content)
-            down[name], up[name] = content_bytes(content), content_bytes(reply)
+            down[name], up[name] = serialized_bytes(content), serialized_bytes(reply)
             train.receive(name, reply)
         exhausted |= train.exhausted
         new_state, train_row = train.close()
@@ -181,12 +179,10 @@ def federate(
             folder.record(row, state, strategy, rng, accountants)
         if on_round is not None:
             on_round(row)
-    summary = None
     if folder is not None:
         summary = folder.finish(evaluator, strategy, state, started, stopped)
-        summary["engine"] = "in-process"
-        write_summary(folder.run_dir, summary)
-    return InProcessRun(rows, states, evaluator, summary)
+        write_summary(folder.run_dir, summary | {"engine": "in-process"})
+    return InProcessRun(rows, states, evaluator)
 
 
 def run_in_process(
