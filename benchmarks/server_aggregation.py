@@ -51,7 +51,7 @@ def measure(name: str, clients: int) -> dict:
     from fedelta.lora import FOLD_PREFIX
     from fedelta.models import cached_model
     from fedelta.server.validation import read_update
-    from fedelta.simulations.simulate import PeakMemory
+    from fedelta.simulations.memory import PeakMemory
 
     overrides = RUNS[name]
     config = RunConfig().replace(**(overrides or {}))

@@ -322,3 +322,19 @@ def test_an_in_process_grid_leaves_a_run_claimed_elsewhere_to_that_process(
     assert second.ran == ["fedavg__seed=0"] and second.skipped == ["fedavg__seed=1"]
     assert [len(arm.results) for arm in second.arms] == [2]
     assert (out / "runs" / "fedavg__seed=0" / "report.html").is_file()
+
+
+def test_a_seed_whose_partition_cannot_be_drawn_stops_the_grid_before_training(
+    tiny_config, tmp_path
+):
+    """Dirichlet(0.1) over 8 sites cannot give every site 10 reviews under seed 1
+    (it can under 42): the grid names that run and trains nothing, not even seed 42."""
+    from fedelta.data import DataError
+
+    base = tiny_config.replace(
+        **{"output-dir": "", "data.dirichlet-alpha": 0.1, "simulation.num-supernodes": 8}
+    )
+    experiment = Experiment("skewed", base, {"a": {}}, seeds=[42, 1], engine="in-process")
+    with pytest.raises(DataError, match=r"run a__seed=1: cannot partition .*dirichlet-alpha = 0.1"):
+        run_experiment(experiment, tmp_path / "grid")
+    assert not (tmp_path / "grid" / "runs").exists()

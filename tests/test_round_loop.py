@@ -285,6 +285,7 @@ def test_both_engines_sample_alike_and_the_in_process_run_folder_resumes(loop_co
         config.replace(output_dir=str(tmp_path / "straight")), progress=False, report=False
     )
     assert straight.summary["engine"] == "in-process" and straight.summary["rounds"] == 3
+    assert straight.summary["peak-rss-mb"] > 100  # this process, model and data loaded
     sampled = [r["sites-sampled"] for r in flower[1:]]
     assert [r["sites-sampled"] for r in straight.rows[1:]] == sampled
     assert len({tuple(s) for s in sampled}) > 1

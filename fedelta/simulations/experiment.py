@@ -56,11 +56,13 @@ from fedelta.config import (
     parse_overrides,
     read_toml,
 )
+from fedelta.data import DataError
 from fedelta.server.checkpoint import FILENAME as CHECKPOINT_FILE
 from fedelta.server.metrics import SUMMARY_FILE
 from fedelta.server.run_folder import config_changes
 from fedelta.simulations.comparison import Arm, to_markdown
 from fedelta.simulations.in_process import run_in_process
+from fedelta.simulations.preflight import check_partitioning
 from fedelta.simulations.report import REPORT_FILE, write_comparison_report
 from fedelta.simulations.results import RunResult, class_path, recorded_strategy
 from fedelta.simulations.simulate import simulate
@@ -266,6 +268,13 @@ def run_experiment(
     plans = experiment.planned_runs()
     # Every folder is checked before anything trains: a changed experiment stops here.
     finished = {plan.dirname: _finished(out_dir / RUNS_DIR / plan.dirname, plan) for plan in plans}
+    for plan in plans:  # so does a seed whose partition cannot be drawn
+        if not finished[plan.dirname]:
+            try:
+                check_partitioning(plan.config)
+            except DataError as err:
+                where = f"experiment '{experiment.name}', run {plan.dirname}"
+                raise DataError(f"{where}: {err}") from err
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SPEC_FILE).write_text(experiment.to_toml(), encoding="utf-8")
     ran, skipped, elsewhere = [], [], []

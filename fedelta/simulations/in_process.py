@@ -26,6 +26,7 @@ quantization).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -50,10 +51,12 @@ from fedelta.server.evaluation import CentralEvaluator
 from fedelta.server.federation import round_postfix
 from fedelta.server.head_init import HeadInitialisation
 from fedelta.server.ledger import serialized_bytes
-from fedelta.server.metrics import format_table, write_summary
+from fedelta.server.metrics import SUMMARY_FILE, format_table, write_summary
 from fedelta.server.round import TrainingRound, update_layout
 from fedelta.server.run_folder import RunFolder, with_label_names
 from fedelta.server.sampling import sample_sites
+from fedelta.simulations.memory import PeakMemory
+from fedelta.simulations.preflight import preflight
 from fedelta.simulations.report import write_run_report
 from fedelta.simulations.results import RunResult, record_strategy
 from fedelta.strategies import Strategy
@@ -180,8 +183,7 @@ def federate(
         if on_round is not None:
             on_round(row)
     if folder is not None:
-        summary = folder.finish(evaluator, strategy, state, started, stopped)
-        write_summary(folder.run_dir, summary | {"engine": "in-process"})
+        folder.finish(evaluator, strategy, state, started, stopped)
     return InProcessRun(rows, states, evaluator)
 
 
@@ -198,6 +200,7 @@ def run_in_process(
     module docstring for what it leaves out)."""
     run_dir = run_dir_for(config)
     config = config.replace(output_dir=str(run_dir))
+    preflight(config)
     record_strategy(run_dir, strategy, config.resume)
     bar = tqdm(
         total=config.num_server_rounds,
@@ -214,8 +217,12 @@ def run_in_process(
         bar.set_postfix(round_postfix(row), refresh=False)
         bar.update(1)
 
-    federate(config, strategy, on_round, run_dir=run_dir)
+    with PeakMemory() as memory:
+        federate(config, strategy, on_round, run_dir=run_dir)
     bar.close()
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    summary |= {"engine": "in-process", "peak-rss-mb": round(memory.peak_bytes / 2**20, 1)}
+    write_summary(run_dir, summary)
     result = RunResult.load(run_dir)
     if progress and not nested:
         print(format_table(result.rows), flush=True)

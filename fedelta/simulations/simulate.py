@@ -10,23 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 
-import psutil
 from flwr.clientapp import ClientApp
 
-from fedelta.build import model_spec
 from fedelta.client.app import app as fedelta_client_app
-from fedelta.compatibility import check_config
 from fedelta.config import RunConfig
-from fedelta.data import load_client_data, load_corpus
-from fedelta.models import cached_model, resolve_model_path
 from fedelta.server.app import make_server_app, run_dir_for
 from fedelta.server.metrics import SUMMARY_FILE, write_summary
+from fedelta.simulations.memory import PeakMemory
+from fedelta.simulations.preflight import preflight
 from fedelta.simulations.report import write_run_report
 from fedelta.simulations.results import RunResult, record_strategy
 from fedelta.strategies import Strategy
-from fedelta.tasks import build_task
 
 
 def simulate(
@@ -89,46 +84,3 @@ def simulate(
     if report:
         write_run_report(result)
     return result
-
-
-class PeakMemory:
-    """Samples the resident memory of this process and all its children (Ray workers)."""
-
-    def __init__(self, interval: float = 0.5) -> None:
-        self.interval = interval
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    continue
-            self.peak_bytes = max(self.peak_bytes, total)
-            self._stop.wait(self.interval)
-
-
-def preflight(config: RunConfig) -> None:
-    """Fail before Ray starts if the config, the model, the data or the partitioning
-    cannot work."""
-    check_config(config)
-    resolve_model_path(config.model.name)  # even when this process has the model cached
-    corpus = load_corpus(config.data, config.seed)
-    task = build_task(config)
-    task.check_data(corpus.test, f"data '{config.data.name}'")
-    load_client_data(config.data, config.seed, config.simulation.num_supernodes, 0)
-    # Also checks that lora.target-modules fit the model; the server reuses this build.
-    cached_model(model_spec(config, corpus.num_labels))
