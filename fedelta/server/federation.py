@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,16 @@ log = logging.getLogger("fedelta")
 class BudgetsSpentError(EmptyRoundError):
     """Too few sites have privacy budget left to train a round: the run ends early
     (and exports what it has)."""
+
+    @classmethod
+    def check(cls, exhausted: Iterable[str], available: int, min_train_nodes: int) -> None:
+        """Raise when fewer than ``min_train_nodes`` sites can still train (both
+        engines end a run with the same message)."""
+        if available < min_train_nodes:
+            raise cls(
+                f"the privacy budgets of {', '.join(sorted(exhausted))} are spent: "
+                f"{available} site(s) can still train, min-train-nodes is {min_train_nodes}"
+            )
 
 
 class ShortRoundError(EmptyRoundError, UserError):
@@ -184,12 +194,7 @@ class Federation:
                 for nid, site in self.nodes.wait_for_sites().items()
                 if site not in self.exhausted
             }
-            if len(available) < cfg.min_train_nodes:
-                raise BudgetsSpentError(
-                    f"the privacy budgets of {', '.join(sorted(self.exhausted))} are spent: "
-                    f"{len(available)} site(s) can still train, min-train-nodes is "
-                    f"{cfg.min_train_nodes}"
-                )
+            BudgetsSpentError.check(self.exhausted, len(available), cfg.min_train_nodes)
             sampled = sample_sites(
                 rng, list(available.values()), cfg.fraction_train, cfg.min_train_nodes
             )

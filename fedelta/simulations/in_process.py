@@ -48,7 +48,7 @@ from fedelta.privacy.accounting import PrivacyAccountant
 from fedelta.protocol import Site
 from fedelta.server.app import run_dir_for
 from fedelta.server.evaluation import CentralEvaluator
-from fedelta.server.federation import round_postfix
+from fedelta.server.federation import BudgetsSpentError, round_postfix
 from fedelta.server.head_init import HeadInitialisation
 from fedelta.server.ledger import serialized_bytes
 from fedelta.server.metrics import SUMMARY_FILE, format_table, write_summary
@@ -135,11 +135,10 @@ def federate(
     for server_round in range(done + 1, config.num_server_rounds + 1):
         round_started = time.monotonic()
         available = sorted(set(sites) - exhausted)
-        if len(available) < config.min_train_nodes:
-            stopped = (
-                f"the privacy budgets of {', '.join(sorted(exhausted))} are spent; training "
-                f"stopped after round {server_round - 1}"
-            )
+        try:
+            BudgetsSpentError.check(exhausted, len(available), config.min_train_nodes)
+        except BudgetsSpentError as err:
+            stopped = f"{err}; training stopped after round {server_round - 1}"
             log.warning(stopped)
             break
         sampled = sample_sites(rng, available, config.fraction_train, config.min_train_nodes)
