@@ -42,8 +42,11 @@ DEFAULT = Path(__file__).parent.parent / "examples" / "default.toml"
 SEEDED = {"privacy.seeded-noise": True}
 
 RUNS: dict[str, dict] = {"none": {}}
+# DP-SGD refuses the default recipe's calibrated loss (the site's label counts would
+# enter every example's gradient unnoised) and its per-round warmup.
+_DP_SGD = {"privacy.dp-sgd": True, "loss": "cross-entropy", "warmup-steps": 0}
 for _eps in (8, 3, 1):
-    RUNS[f"dp-sgd-{_eps}"] = {"privacy.dp-sgd": True, "privacy.target-epsilon": float(_eps)}
+    RUNS[f"dp-sgd-{_eps}"] = {**_DP_SGD, "privacy.target-epsilon": float(_eps)}
 RUNS["dp-sgd-3-ffa"] = {**RUNS["dp-sgd-3"], "strategy.lora": "ffa"}
 # DP-SGD's noise on the mean gradient shrinks with the batch: 4x the batch, 0.4x the steps.
 RUNS["dp-sgd-3-batch64"] = {

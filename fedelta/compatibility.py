@@ -187,7 +187,7 @@ def _check_head(config: RunConfig) -> None:
             f"of the model, but strategy.lora = {rule.name!r} folds every module's update "
             f"each round; use {factor_rules}"
         )
-    if head.phased and config.strategy.head_rounds >= config.num_server_rounds:
+    if head.phased and head.trains_lora and config.strategy.head_rounds >= config.num_server_rounds:
         raise ConfigError(
             f"config key 'strategy.head-rounds' must be < num-server-rounds with "
             f'strategy.head = "{head.name}" (got {config.strategy.head_rounds} >= '
@@ -245,6 +245,11 @@ def _check_privacy(config: RunConfig) -> None:
             "warmup-steps": (
                 config.warmup_steps > 0,
                 "DP-SGD steps at the round's lr (use lr-scheduler across rounds)",
+            ),
+            "loss": (
+                config.loss != "cross-entropy",
+                "the site's label counts set the offsets of every example's loss, so one "
+                "example's presence changes the others' gradients outside the accounting",
             ),
         }
         _refuse_with(config, "privacy.dp-sgd", refused)

@@ -151,6 +151,7 @@ def test_each_head_strategy_trains_what_its_phases_say():
     assert _phases("fedbabu") == [BODY, BODY, BODY, HEAD, HEAD]
     assert _phases("fedbabu", head_rounds=0) == [BODY] * 5
     assert _phases("lp-ft", head_rounds=0) == [JOINT] * 5
+    assert _phases("linear-probe") == [HEAD] * 5 == _phases("linear-probe", head_rounds=9)
     names = {"base_model.model.classifier.modules_to_save.default.weight", "x.lora_A.weight"}
     head, lora = sorted(names)[0], sorted(names)[1]
     assert select(HEAD, names) == {head} and select(BODY, names) == {lora}
@@ -166,7 +167,7 @@ def test_joint_is_the_default_and_changes_nothing():
 
 
 # -- refusals -------------------------------------------------------------------------
-@pytest.mark.parametrize("head", ["ncm", "lp-ft", "fedbabu"])
+@pytest.mark.parametrize("head", ["ncm", "lp-ft", "fedbabu", "linear-probe"])
 def test_a_task_without_a_head_refuses_every_head_strategy_naming_the_key(head):
     config = RunConfig().replace(
         **{
@@ -187,6 +188,7 @@ def test_a_task_without_a_head_refuses_every_head_strategy_naming_the_key(head):
         ({"strategy.head": "lp-ft", "strategy.lora": "fedex"}, "'strategy.head'.*folds"),
         ({"strategy.head": "fedbabu", "strategy.lora": "flora"}, "'strategy.head'.*folds"),
         ({"strategy.head": "lp-ft", "strategy.head-rounds": 3}, "'strategy.head-rounds'"),
+        ({"strategy.head": "linear-probe", "strategy.lora": "fedex"}, "'strategy.head'.*folds"),
         (
             {"strategy.head": "ncm", "privacy.secure-aggregation": True},
             "'strategy.head'.*privacy.secure-aggregation",
@@ -207,7 +209,7 @@ def test_head_strategies_refuse_what_they_cannot_do(overrides, refusal):
 
 
 def test_head_strategies_combine_with_secure_aggregation_when_they_send_in_the_clear_nothing():
-    for head in ("lp-ft", "fedbabu"):
+    for head in ("lp-ft", "fedbabu", "linear-probe"):
         check_config(
             RunConfig().replace(
                 **{
@@ -219,6 +221,16 @@ def test_head_strategies_combine_with_secure_aggregation_when_they_send_in_the_c
                 }
             )
         )
+
+
+def test_linear_probe_needs_no_lora_round_and_combines_with_dp_sgd():
+    one_round = {"num-server-rounds": 1, "strategy.head": "linear-probe"}
+    check_config(RunConfig().replace(**one_round))
+    check_config(
+        RunConfig().replace(**one_round, **{"privacy.dp-sgd": True, "privacy.target-epsilon": 8.0})
+    )
+    with pytest.raises(ConfigError, match="'strategy.head-rounds'"):
+        check_config(RunConfig().replace(**{**one_round, "strategy.head": "lp-ft"}))
 
 
 # -- training (tiny model, tiny data) -------------------------------------------------
@@ -269,7 +281,11 @@ def _moved(before: dict, after: dict) -> dict[str, set[str]]:
 @pytest.mark.training
 @pytest.mark.parametrize(
     ("head", "round_1", "round_2"),
-    [("lp-ft", {"head"}, {"head", "lora"}), ("fedbabu", {"lora"}, {"head"})],
+    [
+        ("lp-ft", {"head"}, {"head", "lora"}),
+        ("fedbabu", {"lora"}, {"head"}),
+        ("linear-probe", {"head"}, {"head"}),
+    ],
 )
 def test_head_only_and_body_only_rounds_leave_the_rest_bit_identical(
     head_config, head, round_1, round_2
@@ -286,7 +302,7 @@ def test_head_only_and_body_only_rounds_leave_the_rest_bit_identical(
         if "head" in expected:  # every head tensor trains, not only some
             assert moved[r - 1]["head"] == heads
     # What a head-only round uploads: the head alone.
-    assert run.rows[1 if head == "lp-ft" else 2]["dense-fp32-bytes-up"] == 2 * 4 * sum(
+    assert run.rows[2 if head == "fedbabu" else 1]["dense-fp32-bytes-up"] == 2 * 4 * sum(
         run.states[0][k].numel() for k in heads
     )
 

@@ -227,6 +227,10 @@ def test_mean_pooling_needs_a_pooler_to_replace():
             {"privacy.dp-sgd": True, "privacy.noise-multiplier": 1.0, "warmup-steps": 3},
             "'warmup-steps'",
         ),
+        (
+            {"privacy.dp-sgd": True, "privacy.noise-multiplier": 1.0, "loss": "fedlc"},
+            "'loss'.*label counts",
+        ),
     ],
 )
 def test_recipe_options_a_setup_cannot_use_are_refused_by_key(overrides, key):

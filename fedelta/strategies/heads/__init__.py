@@ -17,6 +17,7 @@ from fedelta.strategies.heads.base import (
 )
 from fedelta.strategies.heads.fedbabu import FedBABU
 from fedelta.strategies.heads.joint import Joint
+from fedelta.strategies.heads.linear_probe import LinearProbe
 from fedelta.strategies.heads.lp_ft import LinearProbeThenFineTune
 from fedelta.strategies.heads.ncm import (
     ClassStatistics,
@@ -29,7 +30,7 @@ from fedelta.strategies.heads.ncm import (
 )
 
 HEADS: Registry[type[HeadStrategy]] = Registry(
-    "strategy.head", (Joint, NearestClassMean, LinearProbeThenFineTune, FedBABU)
+    "strategy.head", (Joint, NearestClassMean, LinearProbeThenFineTune, FedBABU, LinearProbe)
 )
 """Head strategies by ``strategy.head`` name."""
 
@@ -54,6 +55,7 @@ __all__ = [
     "HeadShapeError",
     "HeadStrategy",
     "Joint",
+    "LinearProbe",
     "LinearProbeThenFineTune",
     "NearestClassMean",
     "build_head",

@@ -56,6 +56,8 @@ class HeadStrategy:
     phased: ClassVar[bool] = False
     """Some rounds train only part of the model (needs a factor-space LoRA rule: the
     folding rules fold every module's update each round)."""
+    trains_lora: ClassVar[bool] = True
+    """Some round trains LoRA (``strategy.head-rounds`` must leave one)."""
 
     def __init__(self, head_rounds: int = 0, num_rounds: int = 1) -> None:
         self.head_rounds = head_rounds
