@@ -26,6 +26,9 @@ from fedelta.simulations import Experiment, run_experiment
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
 ENGINE = "in-process"
+BASE = ["strategy.head=joint"]
+"""Every arm trains the head jointly from a random start, so the arms differ only in
+what their names say (the default's FedNCM start is compared in head-strategies.toml)."""
 
 VARIANTS = {
     "default": {},
@@ -57,7 +60,7 @@ def main() -> None:
 
     experiment = Experiment(
         name="compare-strategies",
-        base=load_config(DEFAULT_CONFIG, args.overrides),
+        base=load_config(DEFAULT_CONFIG, [*BASE, *args.overrides]),
         variants=VARIANTS,
         seeds=args.seeds,
         engine=args.engine,

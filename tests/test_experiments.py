@@ -95,7 +95,10 @@ def test_the_example_file_plans_what_the_example_script_runs():
         EXAMPLES / "experiments" / "compare-strategies.toml"
     ).planned_runs()
     from_python = Experiment(
-        "compare-strategies", load_config(script.DEFAULT_CONFIG), script.VARIANTS, seeds=[42, 0, 1]
+        "compare-strategies",
+        load_config(script.DEFAULT_CONFIG, script.BASE),
+        script.VARIANTS,
+        seeds=[42, 0, 1],
     ).planned_runs()
     assert Experiment.from_toml(EXAMPLES / "experiments" / "compare-strategies.toml").engine == (
         script.ENGINE
