@@ -42,9 +42,11 @@ DEFAULT = Path(__file__).parent.parent / "examples" / "default.toml"
 SEEDED = {"privacy.seeded-noise": True}
 
 RUNS: dict[str, dict] = {"none": {}}
-# DP-SGD refuses the default recipe's calibrated loss (the site's label counts would
-# enter every example's gradient unnoised) and its per-round warmup.
-_DP_SGD = {"privacy.dp-sgd": True, "loss": "cross-entropy", "warmup-steps": 0}
+# Both DP modes refuse the default's FedNCM head (the class feature sums are not
+# noised); DP-SGD also refuses its calibrated loss (the site's label counts would enter
+# every example's gradient unnoised) and its per-round warmup.
+_JOINT = {"strategy.head": "joint"}
+_DP_SGD = {**_JOINT, "privacy.dp-sgd": True, "loss": "cross-entropy", "warmup-steps": 0}
 for _eps in (8, 3, 1):
     RUNS[f"dp-sgd-{_eps}"] = {**_DP_SGD, "privacy.target-epsilon": float(_eps)}
 RUNS["dp-sgd-3-ffa"] = {**RUNS["dp-sgd-3"], "strategy.lora": "ffa"}
@@ -57,6 +59,7 @@ RUNS["dp-sgd-3-batch64"] = {
 }
 for _eps in (8, 3, 1):
     RUNS[f"client-dp-{_eps}"] = {
+        **_JOINT,
         "privacy.client-dp": "central",
         "privacy.client-target-epsilon": float(_eps),
     }
