@@ -41,6 +41,7 @@ BASE: dict[str, object] = {
     "loss": "cross-entropy",
     "strategy.optimizer": "fedavg",
     "strategy.momentum": 0.9,
+    "strategy.head": "joint",
 }
 """What every arm starts from: ``examples/default.toml`` with the local-training
 recipe it had before this benchmark chose a new one (AdamW at lr 2e-3 afresh each
@@ -75,7 +76,8 @@ ARMS: dict[str, dict[str, object]] = {
     "slow-body-fast-head": {**CALIBRATED, "lr": 5e-4, "head-lr": 5e-3, "warmup-steps": 5},
 }
 """Arm name to the keys it changes in :data:`BASE` (``before`` is the default task as
-it was; ``kept-adam-server-momentum`` is the recipe ``examples/default.toml`` now has)."""
+it was; ``kept-adam-server-momentum`` is the recipe ``examples/default.toml`` has with a
+jointly trained head, ``ncm-head`` with the default's FedNCM head but no server momentum)."""
 
 
 def entries() -> list[str]:
